@@ -62,6 +62,47 @@ def info(model_name, gpus, as_json):
 # --------------------------------------------------------------------------- evaluation (issue 7)
 
 
+@main.command()
+@click.option("--checkpoints", required=True, multiple=True,
+              help="Base-model checkpoints (run dir, checkpoint dir or .safetensors); repeat the option or "
+                   "list them comma-separated.")
+@click.option("--prompts", required=True, help=".txt (one per line), .jsonl, or .json (list / COCO captions file).")
+@click.option("--ref-images", required=True, help="Reference images: a folder of images or webdataset shards.")
+@click.option("--guidance", default="1,2,4,6", show_default=True, help="Comma-separated guidance weights.")
+@click.option("--num-samples", type=int, default=None, help="Images per point (default: one per prompt).")
+@click.option("--steps", type=int, default=None, help="Sampling steps (default: each config's).")
+@click.option("--sampler", default=None, help="heun | stochastic (EDM), ancestral | ddim (DDPM).")
+@click.option("--out", default="eval_out", show_default=True)
+@click.option("--inception-weights", default=None,
+              help="torch-fidelity's pt_inception-2015-12-05 .pth, or 'tiny-random' (offline mechanics check).")
+@click.option("--clip-model", default="openai/clip-vit-large-patch14", show_default=True,
+              help="CLIP model directory or hub name, or 'clip-tiny-random'.")
+@click.option("--sr256", default=None, help="SR checkpoint 64->256 for cascade samples.")
+@click.option("--sr1024", default=None, help="SR checkpoint 256->1024 (needs --sr256).")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="Default: cuda if available, else cpu.")
+@click.option("--max-ref-images", type=int, default=None, help="Use only the first N reference images.")
+def evaluate(checkpoints, prompts, ref_images, guidance, num_samples, steps, sampler, out, inception_weights,
+             clip_model, sr256, sr1024, batch_size, seed, device, max_ref_images):
+    """FID and CLIP score for each checkpoint x guidance weight: results.json, results.md, fid_vs_clip.png."""
+    from imagen_ds.eval.sweep import SweepSettings, run_sweep
+
+    try:
+        weights = [float(w) for w in guidance.split(",") if w.strip()]
+    except ValueError:
+        raise ConfigError("--guidance", guidance, "expected comma-separated numbers like 1,2,4,6") from None
+    ckpts = [c for arg in checkpoints for c in arg.split(",") if c]
+    results = run_sweep(SweepSettings(
+        checkpoints=ckpts, prompts=prompts, ref_images=ref_images, guidance=weights, out=out,
+        num_samples=num_samples, steps=steps, sampler=sampler, inception_weights=inception_weights,
+        clip_model=clip_model, sr256=sr256, sr1024=sr1024, batch_size=batch_size, seed=seed, device=device,
+        max_ref_images=max_ref_images))
+    for r in results["results"]:
+        click.echo(f"{r['label']}  w={r['guidance']:g}  FID {r['fid']:.4g}  CLIP {r['clip_score']:.3f}")
+    click.echo(f"wrote {out}/results.json, results.md, fid_vs_clip.png")
+
+
 # --------------------------------------------------------------------------- demo (issue 8)
 
 
