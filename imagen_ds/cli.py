@@ -50,6 +50,83 @@ def info(model_name, gpus, as_json):
 # --------------------------------------------------------------------------- data (issue 4)
 
 
+@main.command("make-demo-data")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output shard directory.")
+@click.option("--n", "n", default=10000, show_default=True, help="Training samples to draw.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--size", default=64, show_default=True, help="Image side in pixels.")
+@click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")
+@click.option("--encoder", default="t5-tiny-random", show_default=True,
+              help="Precache caption embeddings with this encoder; 'none' writes images and captions only.")
+@click.option("--max-tokens", default=64, show_default=True)
+def make_demo_data(out, n, seed, size, shard_size, encoder, max_tokens):
+    """Synthetic shards of coloured shapes with captions; held-out combinations in OUT/heldout.json."""
+    from imagen_ds.data.synthetic import make_demo_data as run
+
+    s = run(out, n, seed=seed, size=size, shard_size=shard_size, max_tokens=max_tokens,
+            encoder=None if encoder.lower() == "none" else encoder, progress=True)
+    click.echo(f"wrote {s['n']} samples in {s['shards']} shards to {out}; "
+               f"{len(s['heldout'])} held-out combinations in {out}/heldout.json")
+
+
+@main.command("prepare-data")
+@click.option("--input", "input_", required=True, type=click.Path(exists=True),
+              help="Folder of images with same-named .txt captions, or a .csv/.parquet of path,caption.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output shard directory.")
+@click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")
+@click.option("--min-side", default=0, show_default=True, help="Skip images whose shorter side is smaller.")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as one JSON object.")
+def prepare_data(input_, out, shard_size, min_side, as_json):
+    """Images + captions -> webdataset shards (image, .txt, .json with width/height/source)."""
+    from imagen_ds.data.prepare import prepare_data as run
+
+    report = run(input_, out, shard_size=shard_size, min_side=min_side, progress=not as_json)
+    if as_json:
+        _print_json(report)
+    else:
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(report["skipped"].items())) or "none"
+        click.echo(f"wrote {report['written']} samples in {report['shards']} shards to {out}; skipped: {skipped}")
+
+
+@main.command("precache-embeddings")
+@click.option("--shards", required=True, help="Input shards: directory, glob or brace pattern.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (inputs untouched).")
+@click.option("--encoder", required=True, help="t5-11b, t5-v1_1-xxl, t5-xxl, t5-tiny-random or a local path.")
+@click.option("--max-tokens", default=128, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--device", default=None, help="Default: cuda:LOCAL_RANK if available, else cpu.")
+@click.option("--rank", type=int, default=None, help="This process's share of the shards (default env RANK or 0).")
+@click.option("--world-size", type=int, default=None, help="Number of processes (default env WORLD_SIZE or 1).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def precache_embeddings(shards, out, encoder, max_tokens, batch_size, device, rank, world_size, as_json):
+    """Encode captions once with T5 and write shards with .npy embeddings added (resumable)."""
+    from imagen_ds.text.precache import precache_embeddings as run
+
+    s = run(shards, out, encoder, max_tokens=max_tokens, batch_size=batch_size, device=device,
+            rank=rank, world_size=world_size, progress=not as_json)
+    if as_json:
+        _print_json(s)
+    else:
+        click.echo(f"rank {s['rank']}/{s['world_size']}: {s['written']} shards written, {s['already_done']} already "
+                   f"done, {s['encoded']} captions encoded, {s['no_caption']} samples without caption, "
+                   f"{len(s['truncated_shards'])} truncated input shards")
+
+
+@main.command("benchmark-data")
+@click.option("--shards", required=True, help="Shard directory, glob or brace pattern.")
+@click.option("--model", "model_name", required=True, help="Config whose transforms to run.")
+@click.option("--workers", default=None, type=int, help="Loader workers (default: the config's data.workers).")
+@click.option("--batches", default=20, show_default=True, help="Batches to time (after one warm-up batch).")
+@click.option("--batch-size", default=None, type=int, help="Default: the config's training.micro_batch.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def benchmark_data(shards, model_name, workers, batches, batch_size, as_json):
+    """Loader throughput (samples/s) with a model's own transforms, and skip counts."""
+    from imagen_ds.data.benchmark import benchmark_data as run, format_report
+
+    report = run(shards, model_name, workers=workers, batches=batches, batch_size=batch_size)
+    _print_json(report) if as_json else click.echo(format_report(report))
+
+
 # --------------------------------------------------------------------------- diffusion, sampling (issue 3)
 
 
