@@ -313,22 +313,33 @@ def validate(cfg: ImagenConfig) -> None:
            f"must be divisible by 32 (GroupNorm groups), got {m.base_channels}")
     _check((m.head_dim is None) != (m.num_heads is None), cfg, "model.head_dim",
            "set exactly one of model.head_dim and model.num_heads (the other null)")
+    if m.unet == "EfficientUNet":
+        # it has no middle block and always resamples with (transposed) strided convs
+        _check(not m.mid_attention, cfg, "model.mid_attention", "EfficientUNet has no middle block; set false")
+        _check(not m.resblock_updown, cfg, "model.resblock_updown",
+               "EfficientUNet resamples with strided convs; set false")
     # resolutions of the levels (a level's blocks run at this side)
-    level_res = _level_resolutions(m)
+    level_res = level_resolutions(m)
     for r in m.attention_resolutions:
         _check(r in level_res, cfg, "model.attention_resolutions",
                f"{r} px is not a level resolution; levels run at {sorted(set(level_res), reverse=True)}")
-    attn_channels = [m.base_channels * mult for mult, r in zip(m.channel_mults, level_res)
-                     if r in m.attention_resolutions]
+    level_channels = [m.base_channels * mult for mult in m.channel_mults]
+    attn_channels = [ch for ch, r in zip(level_channels, level_res) if r in m.attention_resolutions]
+    if m.unet == "EfficientUNet":
+        # an UBlock's attention runs at the channels of the level above it
+        ups = [m.base_channels * m.channel_mults[0]] + level_channels[:-1]
+        attn_channels += [ch for ch, r in zip(ups, level_res) if r in m.attention_resolutions]
     if m.mid_attention:
-        attn_channels.append(m.base_channels * m.channel_mults[-1])
+        attn_channels.append(level_channels[-1])
     for ch in attn_channels:
         if m.head_dim is not None:
-            _check(ch % m.head_dim == 0, cfg, "model.head_dim",
+            _check(m.head_dim > 0 and ch % m.head_dim == 0, cfg, "model.head_dim",
                    f"{ch} attention channels are not divisible by head_dim {m.head_dim}")
         else:
-            _check(ch % m.num_heads == 0, cfg, "model.num_heads",
+            _check(m.num_heads > 0 and ch % m.num_heads == 0, cfg, "model.num_heads",
                    f"{ch} attention channels are not divisible by num_heads {m.num_heads}")
+    _check(m.cond_dim > 0, cfg, "model.cond_dim", "must be positive")
+    _check(all(mult >= 1 for mult in m.channel_mults), cfg, "model.channel_mults", "each multiplier must be >= 1")
     _check(0.0 <= m.dropout < 1.0, cfg, "model.dropout", f"expected 0 <= dropout < 1, got {m.dropout}")
 
     _check(t.dim > 0, cfg, "text.dim", "must be positive")
@@ -365,9 +376,19 @@ def validate(cfg: ImagenConfig) -> None:
     _check(0.0 <= tr.ema_decay < 1.0, cfg, "training.ema_decay", "expected [0, 1)")
 
 
-def _level_resolutions(m: ModelConfig) -> list[int]:
-    """Side of the feature maps each level's blocks run at (level 0 at full resolution)."""
+def level_resolutions(m: ModelConfig) -> list[int]:
+    """Side of the feature maps each level's blocks run at.
+
+    UNet: level i at resolution / 2^i (it down-samples after a level's blocks).
+    EfficientUNet: every level but the deepest down-samples FIRST (paper B.1, NeMo), so
+    level i runs at resolution / 2^min(i + 1, L - 1).
+    """
+    if m.unet == "EfficientUNet":
+        return [m.resolution // 2 ** min(i + 1, m.num_levels - 1) for i in range(m.num_levels)]
     return [m.resolution // 2 ** i for i in range(m.num_levels)]
+
+
+_level_resolutions = level_resolutions  # the older private name
 
 
 def _plain(obj: Any) -> Any:
