@@ -1,7 +1,9 @@
 """CLIP score of images against their prompts, with transformers' CLIPModel + CLIPProcessor.
 
-score(image, prompt) = max(100 * cos(E_image, E_text), 0): the definition of torchmetrics'
-CLIPScore (Hessel et al. 2021 without their w = 2.5), so it is x100 and clipped at 0. The
+score(image, prompt) = 100 * cos(E_image, E_text) per image, and the reported CLIP score is
+max(mean, 0): exactly what torchmetrics' CLIPScore computes (Hessel et al. 2021 with w = 100
+in place of 2.5), so it is x100 and clipped at 0. With real CLIP models the cosines of images
+and their captions are positive (~0.2-0.35), so the clip never acts in practice. The
 processor does the model's own resize (shortest side to its input size, bicubic, centre crop)
 and normalisation; prompts longer than the text tower's context are truncated.
 
@@ -28,7 +30,7 @@ DEFAULT_MODEL = "openai/clip-vit-large-patch14"  # torchmetrics' CLIPScore defau
 
 
 class CLIPScorer:
-    """`scores(images, prompts) -> [B] float32`, per-pair CLIP score (x100, clipped at 0)."""
+    """`scores(images, prompts) -> [B] float32`: 100 * cos per pair; `clip_score(scores)` reduces."""
 
     def __init__(self, name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "cpu"):
         from transformers import CLIPModel, CLIPProcessor
@@ -54,8 +56,7 @@ class CLIPScorer:
         batch = self.processor(text=list(prompts), images=[_as_pil(i) for i in images], return_tensors="pt",
                                padding=True, truncation=True, max_length=self.context)
         out = self.model(**{k: v.to(self.device) for k, v in batch.items()})
-        cos = clip_cosine(out.image_embeds, out.text_embeds)      # [B]
-        return clip_score(cos).float().cpu()
+        return 100.0 * clip_cosine(out.image_embeds, out.text_embeds).float().cpu()  # [B]
 
 
 def clip_cosine(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
@@ -63,9 +64,9 @@ def clip_cosine(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.
     return torch.nn.functional.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
 
 
-def clip_score(cos: torch.Tensor) -> torch.Tensor:
-    """CLIPScore = max(100 * cos, 0) (torchmetrics' definition)."""
-    return torch.clamp(100.0 * cos, min=0.0)
+def clip_score(scores: torch.Tensor) -> float:
+    """CLIPScore of a set = max(mean of the per-image 100 * cos, 0), as torchmetrics computes it."""
+    return max(float(scores.float().mean()), 0.0)
 
 
 def _as_pil(image):

@@ -81,19 +81,13 @@ class FID:
             feature, kwargs = INCEPTION_DIM, _inception_kwargs(inception_weights)
             self.description = ("Inception-v3 (torch-fidelity TF port, 2048-d pool3), weights "
                                 f"{inception_weights or 'pt_inception-2015-12-05 (torch-fidelity download)'}")
-        try:
-            # normalize=False: every network receives uint8 images, as torch-fidelity's Inception expects
-            self.metric = FrechetInceptionDistance(feature=feature, reset_real_features=False, normalize=False,
-                                                   **kwargs)
-        except ModuleNotFoundError as e:
-            raise ConfigError("--inception-weights", inception_weights or "<default>",
-                              f"the Inception-v3 FID network needs torch-fidelity ({e}); "
-                              "`pip install torch-fidelity`, or pass --inception-weights tiny-random "
-                              "for a mechanics-only run") from None
-        except (OSError, RuntimeError) as e:
-            raise ConfigError("--inception-weights", inception_weights or "<default>",
-                              f"cannot load the Inception-v3 weights ({e}); pass a local "
-                              "pt_inception-2015-12-05-6726825d.pth") from None
+        # normalize=False: every network receives uint8 images, as torch-fidelity's Inception expects
+        make = lambda: FrechetInceptionDistance(feature=feature, reset_real_features=False, normalize=False,
+                                                **kwargs)
+        if feature_net is not None:
+            self.metric = make()
+        else:
+            self.metric = _load_inception(make, inception_weights)
         self.metric = self.metric.to(self.device)
 
     @torch.no_grad()
@@ -116,7 +110,7 @@ class FID:
         if self.num_real < 2 or self.num_fake < 2:
             raise ConfigError("FID", "images", f"needs at least 2 reference and 2 generated images, "
                               f"got {self.num_real} and {self.num_fake}")
-        return float(self.metric.compute())
+        return max(float(self.metric.compute()), 0.0)  # a squared distance; below 0 only by rounding
 
     def reset_fake(self) -> None:
         self.metric.reset()  # reset_real_features=False keeps the reference statistics
@@ -134,6 +128,20 @@ class FID:
         m.real_features_sum = state["sum"].to(m.real_features_sum)
         m.real_features_cov_sum = state["cov_sum"].to(m.real_features_cov_sum)
         m.real_features_num_samples = state["n"].to(m.real_features_num_samples)
+
+
+def _load_inception(make, weights: Optional[str]):
+    try:
+        return make()
+    except ModuleNotFoundError as e:
+        raise ConfigError("--inception-weights", weights or "<default>",
+                          f"the Inception-v3 FID network needs torch-fidelity ({e}); "
+                          "`pip install torch-fidelity`, or pass --inception-weights tiny-random "
+                          "for a mechanics-only run") from None
+    except (OSError, RuntimeError) as e:
+        raise ConfigError("--inception-weights", weights or "<default>",
+                          f"cannot load the Inception-v3 weights ({e}); pass a local "
+                          "pt_inception-2015-12-05-6726825d.pth") from None
 
 
 def _inception_kwargs(weights: Optional[str]) -> dict:

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from imagen_ds.errors import ConfigError
-from imagen_ds.eval.clip_score import DEFAULT_MODEL, CLIPScorer
+from imagen_ds.eval.clip_score import DEFAULT_MODEL, CLIPScorer, clip_score
 from imagen_ds.eval.fid import FID, TINY_RANDOM
 from imagen_ds.eval.inputs import iter_reference_images, load_png_uint8, read_prompts, save_png, select_prompts
 from imagen_ds.eval.report import write_results
@@ -168,7 +168,7 @@ def _measure(d: Path, prompts: list[str], size: int, fid: FID, clip: CLIPScorer,
         scores.append(clip.scores([im.permute(1, 2, 0).numpy() for im in images], [prompts[i] for i in idx]))
     scores = torch.cat(scores)
     std = float(scores.std()) if len(scores) > 1 else 0.0
-    return fid.compute(), float(scores.mean()), std
+    return fid.compute(), clip_score(scores), std
 
 
 def _guard(path: Path, expected: dict, what: str, full: Optional[dict] = None) -> None:
@@ -216,8 +216,8 @@ def _protocol(s: SweepSettings, all_prompts, prompts, size, fid: FID, clip: CLIP
         "clip": {
             "library": f"transformers {transformers.__version__} CLIPModel",
             "model": s.clip_model, "model_short": Path(s.clip_model).name or s.clip_model,
-            "definition": "mean over images of max(100 * cos(image, prompt), 0): x100, clipped at 0 "
-                          "(torchmetrics CLIPScore)",
+            "definition": "max(mean over images of 100 * cos(image, prompt), 0): x100, clipped at 0, "
+                          "as torchmetrics CLIPScore computes it",
             "scale": 100, "clipped_at_zero": True,
             "resize": f"CLIPProcessor: shortest side to {edge} (bicubic), centre crop "
                       f"{crop.get('height')}x{crop.get('width')}; prompts truncated to {clip.context} tokens",

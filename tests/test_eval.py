@@ -1,0 +1,147 @@
+"""Evaluation: FID and CLIP-score mechanics, and the whole `imagen-ds evaluate` sweep offline.
+
+The Inception and CLIP networks are replaced by randomly initialised tiny ones that go through
+the same code paths (torchmetrics' FrechetInceptionDistance with a custom feature module; a
+CLIPConfig model saved and loaded with from_pretrained); no weights are downloaded.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from imagen_ds.eval.clip_score import CLIPScorer, clip_score, write_tiny_random_clip
+from imagen_ds.eval.fid import FID, TinyRandomFeatures, frechet_distance
+from imagen_ds.eval.inputs import iter_reference_images, read_prompts, select_prompts
+
+
+def scipy_frechet(mu1, s1, mu2, s2):
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def shapes_images(n, size=32, seed=0):
+    """uint8 [n,3,size,size]: coloured rectangles on coloured backgrounds (image-like, not noise)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size, size, 3), np.uint8)
+    for k in range(n):
+        out[k] = rng.integers(0, 256, 3)
+        x0, y0 = rng.integers(0, size // 2, 2)
+        w, h = rng.integers(size // 4, size // 2, 2)
+        out[k, y0:y0 + h, x0:x0 + w] = rng.integers(0, 256, 3)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------- FID
+
+
+def test_frechet_distance_matches_scipy_sqrtm_on_gaussian_features():
+    rng = np.random.default_rng(0)
+    d = 24
+    a = rng.normal(size=(500, d)) @ rng.normal(size=(d, d)) + 0.5
+    b = rng.normal(size=(400, d)) @ rng.normal(size=(d, d)) * 0.7 - 0.2
+    mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    expected = scipy_frechet(mu1, s1, mu2, s2)
+    got = frechet_distance(*(torch.from_numpy(v) for v in (mu1, s1, mu2, s2)))
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert frechet_distance(*(torch.from_numpy(v) for v in (mu1, s1, mu1, s1))) == pytest.approx(0, abs=1e-6 * expected)
+
+
+class Flatten(torch.nn.Module):
+    """A feature 'network' that is the pixels themselves: FID becomes a closed form on them."""
+
+    num_features = 12  # 3 x 2 x 2 pixels
+
+    def forward(self, images):
+        return images.flatten(1).float()  # [B, 3*H*W]
+
+
+def test_fid_statistics_are_those_of_the_features():
+    rng = np.random.default_rng(1)
+    real = np.clip(rng.normal(128, 30, size=(300, 3, 2, 2)), 0, 255).astype(np.uint8)
+    fake = np.clip(rng.normal(110, 40, size=(200, 3, 2, 2)), 0, 255).astype(np.uint8)
+    fid = FID(Flatten())
+    for chunk in np.array_split(real, 7):   # batching must not matter
+        fid.add_real(torch.from_numpy(chunk))
+    fid.add_fake(torch.from_numpy(fake))
+    r, f = real.reshape(300, -1).astype(np.float64), fake.reshape(200, -1).astype(np.float64)
+    expected = scipy_frechet(r.mean(0), np.cov(r, rowvar=False), f.mean(0), np.cov(f, rowvar=False))
+    assert fid.compute() == pytest.approx(expected, rel=1e-4)
+    assert (fid.num_real, fid.num_fake) == (300, 200)
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_grows_with_a_shift():
+    images = shapes_images(64)
+    fid = FID(inception_weights="tiny-random")
+    fid.add_real(images)
+    values = []
+    for shift in (0, 20, 50, 100):
+        fid.reset_fake()  # the reference statistics stay
+        fid.add_fake((images.int() + shift).clamp(0, 255).to(torch.uint8))
+        values.append(fid.compute())
+    assert values[0] < 1e-6 * values[1]
+    assert values[1] < values[2] < values[3]
+    assert fid.num_real == 64
+
+
+# --------------------------------------------------------------------------- CLIP score
+
+
+def test_clip_score_mechanics_and_agreement_with_clip_logits(tmp_path):
+    path = write_tiny_random_clip(tmp_path / "clip")
+    scorer = CLIPScorer(str(path))
+    images = shapes_images(6, size=40, seed=3)
+    prompts = [f"a {c} square on a {b} background" for c, b in
+               [("red", "blue"), ("green", "white"), ("yellow", "black"), ("blue", "red"), ("white", "green"),
+                ("black", "yellow")]]
+    hwc = [im.permute(1, 2, 0).numpy() for im in images]
+    s = scorer.scores(hwc, prompts)
+    assert s.shape == (6,) and s.dtype == torch.float32
+    assert torch.all(s.abs() <= 100)
+    assert torch.equal(s, CLIPScorer("clip-tiny-random").scores(hwc, prompts))  # the named tiny model = seed 2
+    shuffled = scorer.scores(hwc, prompts[1:] + prompts[:1])
+    assert not torch.allclose(s, shuffled)                       # the score depends on the pairing
+    assert 0 < clip_score(s) <= 100
+    assert clip_score(-s.abs()) == 0.0                           # a negative mean is clipped at 0
+
+    # the same numbers as CLIP's own image-text logits (logit_scale * cos), rescaled to x100
+    batch = scorer.processor(text=prompts, images=hwc, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = scorer.model(**batch).logits_per_image                # [images, texts]
+    expected = 100 * logits.diagonal() / scorer.model.logit_scale.exp()
+    assert torch.allclose(s, expected, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def test_prompt_files_and_reference_folder_or_shards_agree(tmp_path):
+    import webdataset as wds
+
+    (tmp_path / "p.txt").write_text("a red circle\n\na blue square\n")
+    (tmp_path / "p.jsonl").write_text('{"caption": "a red circle"}\n{"prompt": "a blue square"}\n')
+    (tmp_path / "coco.json").write_text(json.dumps(
+        {"images": [], "annotations": [{"image_id": 1, "caption": "a red circle "},
+                                       {"image_id": 1, "caption": "a blue square"}]}))
+    for name in ("p.txt", "p.jsonl", "coco.json"):
+        assert read_prompts(tmp_path / name) == ["a red circle", "a blue square"]
+    many = [f"prompt {i}" for i in range(100)]
+    subset = select_prompts(many, 30, seed=5)
+    assert len(set(subset)) == 30 and subset == select_prompts(many, 30, seed=5) != select_prompts(many, 30, 6)
+    assert select_prompts(many[:3], 7, seed=0) == many[:3] * 2 + many[:1]
+
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    images = shapes_images(5, size=48, seed=7)
+    with wds.TarWriter(str(tmp_path / "shard-000.tar")) as tar:
+        for i, im in enumerate(images):
+            pil = Image.fromarray(im.permute(1, 2, 0).numpy()).crop((0, 0, 48, 40))  # not square
+            pil.save(folder / f"{i:03d}.png")
+            tar.write({"__key__": f"{i:03d}", "png": pil, "txt": "x"})
+    from_folder = torch.cat(list(iter_reference_images(str(folder), 32, batch_size=2)))
+    from_shards = torch.cat(list(iter_reference_images(str(tmp_path / "shard-{000..000}.tar"), 32, batch_size=3)))
+    assert from_folder.shape == (5, 3, 32, 32) and from_folder.dtype == torch.uint8
+    assert torch.equal(from_folder, from_shards)
