@@ -10,7 +10,6 @@ import glob
 import io
 import os
 import tarfile
-import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -18,6 +17,9 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
 from imagen_ds.errors import DataError
+
+
+FIXED_MTIME = 1_700_000_000  # same inputs -> byte-identical shards
 
 
 class TruncatedTar(Exception):
@@ -68,13 +70,13 @@ def iter_tar_samples(url: str) -> Iterator[dict]:
                 key, ext = base_plus_ext(info.name)
                 if key is None or os.path.basename(info.name).startswith("__"):
                     continue
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield current  # complete: the next key has started
+                    current = {"__key__": key, "__url__": url}
                 data = stream.extractfile(info).read()
                 if len(data) != info.size:
                     raise tarfile.ReadError("unexpected end of data")
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": key, "__url__": url}
                 current[ext.lower()] = data
                 stream.members = []  # stream mode keeps every TarInfo otherwise
     except (tarfile.TarError, EOFError, OSError) as e:
@@ -92,7 +94,6 @@ def write_tar(path: str | os.PathLike, samples: Iterable[dict]) -> int:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     n = 0
-    mtime = time.time()
     with open(tmp, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for sample in samples:
@@ -101,7 +102,7 @@ def write_tar(path: str | os.PathLike, samples: Iterable[dict]) -> int:
                     if ext.startswith("__"):
                         continue
                     info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size, info.mtime, info.mode = len(data), mtime, 0o444
+                    info.size, info.mtime, info.mode = len(data), FIXED_MTIME, 0o444
                     tar.addfile(info, io.BytesIO(data))
                 n += 1
         f.flush()
