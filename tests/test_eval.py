@@ -145,3 +145,112 @@ def test_prompt_files_and_reference_folder_or_shards_agree(tmp_path):
     from_shards = torch.cat(list(iter_reference_images(str(tmp_path / "shard-{000..000}.tar"), 32, batch_size=3)))
     assert from_folder.shape == (5, 3, 32, 32) and from_folder.dtype == torch.uint8
     assert torch.equal(from_folder, from_shards)
+
+
+# --------------------------------------------------------------------------- the whole command
+
+
+def export_untrained(path, cfg, seed):
+    """An inference file as `imagen-ds export` writes it (weights + config metadata), for an
+    untrained net whose zero-initialised output layers are perturbed so samples depend on
+    the weights, the prompt and the guidance weight."""
+    from safetensors.torch import save_file
+
+    from imagen_ds.models import build_model
+
+    torch.manual_seed(seed)
+    net = build_model(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sd = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
+    save_file(sd, str(path), metadata={"config": json.dumps(cfg.to_dict()), "ema": "true", "format": "imagen_ds"})
+    return str(path)
+
+
+def write_inputs(tmp_path, size, n_ref=8):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\na green square on a white background\n"
+                       "a yellow triangle on a black background\na blue circle on a red background\n")
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i, im in enumerate(shapes_images(n_ref, size=size, seed=11)):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(ref / f"{i}.png")
+    return str(prompts), str(ref)
+
+
+def evaluate(*args):
+    from click.testing import CliRunner
+
+    from imagen_ds.cli import main
+
+    return CliRunner().invoke(main, ["evaluate", "--inception-weights", "tiny-random", "--clip-model",
+                                     "clip-tiny-random", "--device", "cpu", "--batch-size", "4", *args])
+
+
+def test_evaluate_sweeps_checkpoints_and_guidance_and_resumes(tmp_path):
+    from imagen_ds.config import load_config
+
+    cfg = load_config("tiny_res_32")
+    a = export_untrained(tmp_path / "run_a.safetensors", cfg, seed=0)
+    b = export_untrained(tmp_path / "run_b.safetensors", cfg, seed=1)
+    prompts, ref = write_inputs(tmp_path, 32)
+    out = tmp_path / "eval"
+    args = ["--checkpoints", f"{a},{b}", "--prompts", prompts, "--ref-images", ref, "--guidance", "1,4",
+            "--steps", "2", "--out", str(out)]
+
+    first = evaluate(*args)
+    assert first.exit_code == 0, first.output
+    results = json.loads((out / "results.json").read_text())
+    rows = results["results"]
+    assert [(r["label"], r["guidance"]) for r in rows] == [("run_a", 1), ("run_a", 4), ("run_b", 1), ("run_b", 4)]
+    for r in rows:
+        assert math.isfinite(r["fid"]) and r["fid"] >= 0 and 0 <= r["clip_score"] <= 100
+        assert r["num_images"] == 4
+        assert len(list((out / "samples" / r["label"] / f"g{r['guidance']:g}").glob("*.png"))) == 4
+    assert len({r["fid"] for r in rows}) == 4  # weights and guidance change the samples
+    proto = results["protocol"]
+    assert proto["num_images"] == 4 and proto["image_size"] == 32
+    assert proto["clip"]["scale"] == 100 and proto["clip"]["clipped_at_zero"]
+    assert proto["fid"]["num_reference"] == 8 and "tiny-random" in proto["fid"]["feature_network"]
+    assert "heun 2 steps" in proto["sampling"]
+    table = (out / "results.md").read_text()
+    assert "| checkpoint | guidance | FID" in table and table.count("| run_") == 4
+    assert "x100" in table and "8 reference images" in table
+    with Image.open(out / "fid_vs_clip.png") as plot:
+        assert plot.size[0] > 300 and plot.size[1] > 200
+    assert "FID" in first.output and "wrote" in first.output
+
+    pngs = sorted((out / "samples").rglob("*.png"))
+    stamps = [p.stat().st_mtime_ns for p in pngs]
+    second = evaluate(*args)
+    assert second.exit_code == 0, second.output
+    again = json.loads((out / "results.json").read_text())
+    assert again["generated_this_run"] == 0 and results["generated_this_run"] == 16
+    assert [p.stat().st_mtime_ns for p in pngs] == stamps
+    assert [r["fid"] for r in again["results"]] == [r["fid"] for r in rows]
+
+    # other sampling settings into the same folder would mix stale images: one-line error
+    stale = evaluate(*[x if x != "2" else "3" for x in args])
+    assert stale.exit_code == 2 and "new --out" in stale.output
+
+
+def test_evaluate_cascade_base_then_sr(tmp_path):
+    from imagen_ds.config import load_config
+
+    base_cfg = load_config("tiny_res_32").replace(model={"resolution": 16, "attention_resolutions": (8, 4)})
+    base = export_untrained(tmp_path / "base16.safetensors", base_cfg, seed=0)
+    sr = export_untrained(tmp_path / "sr64.safetensors", load_config("tiny_sr_64"), seed=2)
+    prompts, ref = write_inputs(tmp_path, 64, n_ref=4)
+    out = tmp_path / "eval"
+    result = evaluate("--checkpoints", base, "--sr256", sr, "--prompts", prompts, "--ref-images", ref,
+                      "--guidance", "2", "--num-samples", "2", "--steps", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["protocol"]["image_size"] == 64 and "sr256 64px" in results["protocol"]["sampling"]
+    with Image.open(out / "samples" / "base16" / "g2" / "000001.png") as im:
+        assert im.size == (64, 64)
+    # the SR model given as the swept checkpoint is refused with one line
+    wrong = evaluate("--checkpoints", sr, "--prompts", prompts, "--ref-images", ref, "--guidance", "2",
+                     "--out", str(tmp_path / "x"))
+    assert wrong.exit_code == 2 and "super-resolution" in wrong.output
