@@ -26,6 +26,9 @@ setup(
         "test": ["pytest>=8", "scipy>=1.10"],
         "wandb": ["wandb>=0.17"],
         "eval": ["torchmetrics>=1.4", "scipy>=1.10", "matplotlib>=3.7"],
+        # the real Inception-v3 FID network (torchmetrics uses torch-fidelity's); it pulls torchvision,
+        # so it is kept out of "eval" (the CPU test venv); install it where torchvision fits your torch
+        "fid": ["torch-fidelity>=0.3"],
     },
     entry_points={"console_scripts": ["imagen-ds=imagen_ds.cli:main"]},
 )
