@@ -115,6 +115,8 @@ class Conditioning(nn.Module):
             if aug_level is None:
                 raise ValueError("super-resolution model needs aug_level")
             emb = emb + self.aug_embed(aug_level)
-        # Passing no mask keeps SDPA on its flash / memory-efficient kernels.
-        context_mask = None if bool(text_mask.all()) else text_mask
+        # Passing no mask keeps SDPA on its flash / memory-efficient kernels. (Meta tensors,
+        # used to count FLOPs, hold no values: they count as all valid.)
+        all_valid = text_mask.device.type == "meta" or bool(text_mask.all())
+        context_mask = None if all_valid else text_mask
         return emb, context, context_mask
