@@ -36,13 +36,20 @@ def _print_json(obj) -> None:
 
 
 @main.command()
-@click.option("--model", "model_name", required=True, help="Config name (see `imagen-ds info --list`) or YAML path.")
+@click.option("--model", "model_name", help="Config name (see `imagen-ds info --list`) or YAML path.")
 @click.option("--gpus", default=1, show_default=True, help="Data-parallel ranks for the ZeRO-2 memory estimate.")
+@click.option("--list", "list_all", is_flag=True, help="List the predefined configs and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def info(model_name, gpus, as_json):
+def info(model_name, gpus, list_all, as_json):
     """Parameters, training FLOPs and per-GPU model-state memory of a config."""
-    from imagen_ds.bench.info import model_info, format_info
+    from imagen_ds.bench.info import format_info, list_models, model_info
 
+    if list_all:
+        models = list_models()
+        _print_json(models) if as_json else click.echo("\n".join(f"{m['name']:16s} {m['description']}" for m in models))
+        return
+    if not model_name:
+        raise ConfigError("info", "--model", "give a config name or YAML path (or --list)")
     report = model_info(model_name, gpus=gpus)
     _print_json(report) if as_json else click.echo(format_info(report))
 
