@@ -86,9 +86,12 @@ def sample_batch(stages: list[Stage], captions: list[str], guidance: float, gene
     """Images [B, 3, R, R] in [-1, 1] at the last stage's resolution."""
     import dataclasses
 
-    x = None
+    x, encoded = None, {}
     for i, stage in enumerate(stages):
-        emb, mask = text.encode(stage.cfg, captions)
+        key = (stage.cfg.text.encoder, stage.cfg.text.max_tokens)
+        if key not in encoded:  # stages sharing an encoder share the embeddings
+            encoded[key] = text.encode(stage.cfg, captions)
+        emb, mask = encoded[key]
         sampling = dataclasses.replace(stage.sampling, guidance=guidance) if i == 0 else stage.sampling
         r = stage.cfg.model.resolution
         x = stage.diffusion.sample(stage.net, emb, mask, lowres=x, shape=(len(captions), 3, r, r),

@@ -69,6 +69,9 @@ def run_sweep(s: SweepSettings, *, feature_net: Optional[nn.Module] = None) -> d
     _guard(out / "prompts.json", {"seed": s.seed, "prompts": prompts}, "prompts or --seed")
     labels = checkpoint_labels(s.checkpoints)
 
+    from imagen_ds.eval.generate import TextCache
+
+    text = TextCache(device)  # each text encoder loads once for the whole sweep (t5-11b's: ~20 GB fp32)
     points, stage_info, generated = [], {}, 0
     for ckpt, label in zip(s.checkpoints, labels):
         stages = None
@@ -82,9 +85,13 @@ def run_sweep(s: SweepSettings, *, feature_net: Optional[nn.Module] = None) -> d
                     "batch_size": s.batch_size}
             _guard(d / "meta.json", {k: meta[k] for k in ("checkpoint", "cascade", "guidance", "seed")},
                    "checkpoints or sampling settings", full=meta)
-            generated += _generate(stages, prompts, missing, d, w, s, f"{label} w={w:g}") if missing else 0
+            if missing:
+                generated += _generate(stages, prompts, missing, d, w, s, text, f"{label} w={w:g}")
             points.append({"checkpoint": ckpt, "label": label, "guidance": w, "dir": d})
         del stages
+    del text  # free the encoder (and GPU memory) before the metric networks load
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     size = load_png_uint8(points[0]["dir"] / "000000.png").shape[-1]
     fid = FID(feature_net, inception_weights=s.inception_weights, device=device)
@@ -122,11 +129,10 @@ def _load(ckpt: str, s: SweepSettings, device: torch.device):
 
 
 def _generate(stages, prompts: list[str], missing: list[int], d: Path, w: float, s: SweepSettings,
-              desc: str) -> int:
-    from imagen_ds.eval.generate import TextCache, sample_batch
+              text, desc: str) -> int:
+    from imagen_ds.eval.generate import sample_batch
 
     d.mkdir(parents=True, exist_ok=True)
-    text = TextCache(torch.device(s.device))
     gen_device = "cuda" if torch.device(s.device).type == "cuda" else "cpu"
     with tqdm(total=len(missing), desc=desc, unit="img", disable=not s.progress) as bar:
         for start in range(0, len(missing), s.batch_size):
