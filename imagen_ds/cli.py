@@ -140,7 +140,98 @@ def benchmark_data(shards, model_name, workers, batches, batch_size, as_json):
 # --------------------------------------------------------------------------- training, export (issue 5)
 
 
+@main.command()
+@click.option("--model", "model_name", required=True, help="Config name or YAML path.")
+@click.option("--data", required=True, multiple=True, help="Shard directory, glob, brace pattern or .tar (repeatable).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory: logs, checkpoints.")
+@click.option("--steps", type=int, help="Optimizer steps (default: training.samples / global batch).")
+@click.option("--samples", type=int, help="Training length in samples seen (instead of --steps).")
+@click.option("--resume", is_flag=True, help="Continue from the latest complete checkpoint in --out.")
+@click.option("--ds-config", help="DeepSpeed JSON: a name in ds_configs/ or a path (default by precision).")
+@click.option("--micro-batch", type=int, help="Override training.micro_batch (per rank).")
+@click.option("--global-batch", type=int, help="Override training.global_batch.")
+@click.option("--wandb/--no-wandb", default=False, show_default=True, help="Log to Weights & Biases (rank 0).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--log-every", type=int, help="Override training.log_every.")
+@click.option("--save-every", type=int, help="Override training.save_every.")
+@click.option("--nproc", default=1, show_default=True, help="Local ranks, started through DeepSpeed's launcher.")
+def train(model_name, data, out, steps, samples, resume, ds_config, micro_batch, global_batch, wandb, seed,
+          log_every, save_every, nproc):
+    """Train a model on DeepSpeed (ZeRO-2); metrics.jsonl and checkpoints go to --out."""
+    if steps is not None and samples is not None:
+        raise ConfigError("--steps", str(steps), "give either --steps or --samples, not both")
+    argv = ["--model", model_name, "--data", *data, "--out", out, "--seed", str(seed),
+            "--wandb" if wandb else "--no-wandb"]
+    for flag, value in (("--steps", steps), ("--samples", samples), ("--ds-config", ds_config),
+                        ("--micro-batch", micro_batch), ("--global-batch", global_batch),
+                        ("--log-every", log_every), ("--save-every", save_every)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if resume:
+        argv.append("--resume")
+    if nproc > 1:
+        from imagen_ds.training.launch import launch_local
+
+        sys.exit(launch_local(nproc, argv))
+    from imagen_ds.train import main as train_main
+
+    sys.exit(train_main(argv))
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(exists=True),
+              help="Run directory, its checkpoints/ folder or one step_* checkpoint.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors file.")
+@click.option("--ema/--no-ema", default=True, show_default=True, help="EMA weights (inference) or the raw ones.")
+def export(checkpoint, out, ema):
+    """Inference weights + the config (as metadata) in one safetensors file."""
+    from imagen_ds.training.export import export as run
+
+    s = run(checkpoint, out, ema=ema)
+    click.echo(f"wrote {s['out']}: {'EMA' if s['ema'] else 'raw'} weights of {s['checkpoint']} "
+               f"(step {s['step']}, {s['params']:,} parameters, {s['bytes'] / 1e6:.1f} MB)")
+
+
 # --------------------------------------------------------------------------- benchmarks, planner (issue 6)
+@main.command("benchmark-throughput")
+@click.option("--model", "model_name", required=True, help="Config name or YAML path.")
+@click.option("--micro-batch", type=int, default=None, help="Per-GPU batch (default: the config's).")
+@click.option("--steps", default=10, show_default=True, help="Timed steps (engine and bare loop each).")
+@click.option("--warmup", default=3, show_default=True, help="Untimed steps first.")
+@click.option("--ds-config", default=None, help="DeepSpeed JSON (name in ds_configs/ or path).")
+@click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model (fuses GroupNorm+SiLU).")
+@click.option("--peak-tflops", type=float, default=None, help="Device peak for MFU (default: by GPU name).")
+@click.option("--gpu-mem-cap", type=float, default=None, help="Cap this process's GPU memory (GiB).")
+@click.option("--no-bare", is_flag=True, help="Skip the bare PyTorch baseline.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def benchmark_throughput(model_name, micro_batch, steps, warmup, ds_config, use_compile, peak_tflops,
+                         gpu_mem_cap, no_bare, as_json):
+    """Training samples/s, TFLOP/s, MFU and peak memory of the real engine, vs a bare PyTorch loop."""
+    import contextlib
+
+    from imagen_ds.bench.throughput import benchmark, format_report, stdout_to_stderr
+
+    with stdout_to_stderr() if as_json else contextlib.nullcontext():
+        report = benchmark(model_name, micro_batch=micro_batch, steps=steps, warmup=warmup, ds_config=ds_config,
+                           compile=use_compile, peak_tflops=peak_tflops, gpu_mem_cap=gpu_mem_cap, bare=not no_bare)
+    _print_json(report) if as_json else click.echo(format_report(report))
+
+
+@main.command()
+@click.option("--model", "model_name", required=True, help="Config name or YAML path.")
+@click.option("--gpus", default=8, show_default=True, help="Data-parallel ranks (ZeRO shards over them).")
+@click.option("--gpu-mem", type=float, default=80.0, show_default=True, help="Memory per GPU (GiB).")
+@click.option("--zero", "zero_stage", type=click.IntRange(0, 3), default=None, help="ZeRO stage (default: config's).")
+@click.option("--measure-on", type=click.Choice(["auto", "cuda", "cpu", "fake"]), default="auto", show_default=True,
+              help="Where activations are measured: the GPU, the CPU (small models), or shapes only (fake tensors).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def plan(model_name, gpus, gpu_mem, zero_stage, measure_on, as_json):
+    """Largest micro-batch that fits per GPU, with the predicted peak memory and its assumptions."""
+    from imagen_ds.bench.planner import format_plan, make_plan
+
+    report = make_plan(model_name, gpus=gpus, gpu_mem_gb=gpu_mem, zero_stage=zero_stage, measure_on=measure_on)
+    _print_json(report) if as_json else click.echo(format_plan(report))
+
 
 
 # --------------------------------------------------------------------------- evaluation (issue 7)
@@ -188,6 +279,27 @@ def evaluate(checkpoints, prompts, ref_images, guidance, num_samples, steps, sam
 
 
 # --------------------------------------------------------------------------- demo (issue 8)
+
+
+@main.command()
+@click.option("--out", default="demo_out", show_default=True, help="Folder for data, checkpoint, grid and summary.json.")
+@click.option("--minutes", type=float, default=8.0, show_default=True, help="Training budget in wall-clock minutes.")
+@click.option("--steps", type=int, default=None, help="Stop after this many optimizer steps (also with --minutes).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--images", "n_images", type=int, default=20000, show_default=True, help="Synthetic training images.")
+@click.option("--per-caption", type=int, default=8, show_default=True, help="Samples per held-out caption.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="auto: bf16 where the CPU computes it natively, else fp32.")
+def demo(out, minutes, steps, seed, n_images, per_caption, precision):
+    """Train a small text-to-image model offline on CPU and check it follows held-out captions."""
+    from imagen_ds.demo import run_demo
+
+    if minutes is not None and minutes <= 0:
+        minutes = None
+    if minutes is None and steps is None:
+        raise ConfigError("imagen-ds demo", "--minutes", "give a positive --minutes or --steps")
+    run_demo(out, minutes=minutes, steps=steps, seed=seed, n_images=n_images, per_caption=per_caption,
+             precision=precision)
 
 
 if __name__ == "__main__":
