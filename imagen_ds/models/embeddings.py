@@ -55,7 +55,7 @@ class AttentionPooling(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.score = nn.Linear(dim, 1)
+        self.score = nn.Linear(dim, 1, bias=False)  # a bias would cancel in the softmax
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # tokens [B, T, D], mask [B, T] (True = valid) -> [B, D]
