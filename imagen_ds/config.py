@@ -322,7 +322,8 @@ def validate(cfg: ImagenConfig) -> None:
     level_res = level_resolutions(m)
     for r in m.attention_resolutions:
         _check(r in level_res, cfg, "model.attention_resolutions",
-               f"{r} px is not a level resolution; levels run at {sorted(set(level_res), reverse=True)}")
+               f"{r} px is not a level resolution; levels run at "
+               f"{', '.join(map(str, sorted(set(level_res), reverse=True)))} px")
     level_channels = [m.base_channels * mult for mult in m.channel_mults]
     attn_channels = [ch for ch, r in zip(level_channels, level_res) if r in m.attention_resolutions]
     if m.unet == "EfficientUNet":
