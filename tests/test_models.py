@@ -254,3 +254,20 @@ def test_no_attention_mask_is_passed_when_every_token_is_valid(monkeypatch):
         masks.clear()
         net(**kw)
         assert masks and all(mk is not None for mk in masks)
+
+
+@pytest.mark.parametrize("changes", [
+    {"resblock_updown": True},                 # BigGAN resampling inside residual blocks (400m_res_256)
+    {"attention_type": "self_cross"},
+    {"attention_type": "cross"},
+    {"attention_type": "self", "num_heads": 2, "head_dim": None},
+])
+def test_unet_variants_keep_shape_and_ignore_padding(changes):
+    net, cfg = make_net("tiny_sr_64", **changes)
+    kw = inputs(cfg)
+    noisy = kw["text_emb"].clone()
+    noisy[~kw["text_mask"]] = 50.0
+    with torch.no_grad():
+        a, b = net(**kw), net(**dict(kw, text_emb=noisy))
+    assert a.shape == kw["x"].shape
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
