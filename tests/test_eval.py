@@ -254,3 +254,8 @@ def test_evaluate_cascade_base_then_sr(tmp_path):
     wrong = evaluate("--checkpoints", sr, "--prompts", prompts, "--ref-images", ref, "--guidance", "2",
                      "--out", str(tmp_path / "x"))
     assert wrong.exit_code == 2 and "super-resolution" in wrong.output
+    # a reference folder without images stops before any sampling, not after it
+    (tmp_path / "empty").mkdir()
+    empty = evaluate("--checkpoints", base, "--prompts", prompts, "--ref-images", str(tmp_path / "empty"),
+                     "--out", str(tmp_path / "y"))
+    assert empty.exit_code == 2 and "no images" in empty.output and not (tmp_path / "y" / "samples").exists()

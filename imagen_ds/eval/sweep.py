@@ -22,7 +22,8 @@ from tqdm import tqdm
 from imagen_ds.errors import ConfigError
 from imagen_ds.eval.clip_score import DEFAULT_MODEL, CLIPScorer, clip_score
 from imagen_ds.eval.fid import FID, TINY_RANDOM
-from imagen_ds.eval.inputs import iter_reference_images, load_png_uint8, read_prompts, save_png, select_prompts
+from imagen_ds.eval.inputs import (iter_reference_images, load_png_uint8, read_prompts, reference_sources, save_png,
+                                   select_prompts)
 from imagen_ds.eval.report import write_results
 
 
@@ -64,8 +65,11 @@ def run_sweep(s: SweepSettings, *, feature_net: Optional[nn.Module] = None) -> d
     """Generate what is missing, measure every point, write the reports; returns results.json's dict."""
     device = torch.device(s.device)
     out = Path(s.out)
+    _preflight(s, feature_net)
     all_prompts = read_prompts(s.prompts)
     prompts = select_prompts(all_prompts, s.num_samples, s.seed)
+    if len(prompts) < 2:
+        raise ConfigError("--num-samples", str(len(prompts)), "FID needs at least 2 images per point")
     _guard(out / "prompts.json", {"seed": s.seed, "prompts": prompts}, "prompts or --seed")
     labels = checkpoint_labels(s.checkpoints)
 
@@ -109,6 +113,33 @@ def run_sweep(s: SweepSettings, *, feature_net: Optional[nn.Module] = None) -> d
                "results": rows, "generated_this_run": generated}
     write_results(results, out)
     return results
+
+
+def _preflight(s: SweepSettings, feature_net: Optional[nn.Module]) -> None:
+    """Catch bad metric inputs before hours of sampling, not after."""
+    import importlib.util
+
+    from imagen_ds.eval import clip_score, fid
+
+    reference_sources(s.ref_images)
+    if feature_net is None and s.inception_weights != fid.TINY_RANDOM:
+        fid._inception_kwargs(s.inception_weights)
+        if importlib.util.find_spec("torch_fidelity") is None:
+            raise ConfigError("--inception-weights", s.inception_weights or "<default>",
+                              "the Inception-v3 FID network needs torch-fidelity: `pip install torch-fidelity` "
+                              f"(or pass --inception-weights {fid.TINY_RANDOM} for a mechanics-only run)")
+    if s.clip_model != clip_score.TINY_RANDOM:
+        from transformers import CLIPConfig
+
+        if s.clip_model.startswith((".", "/", "~")) and not Path(s.clip_model).expanduser().is_dir():
+            raise ConfigError("--clip-model", s.clip_model, "no such directory (a CLIP model saved with "
+                              f"save_pretrained), nor a hub name, nor '{clip_score.TINY_RANDOM}'")
+        try:
+            CLIPConfig.from_pretrained(s.clip_model)
+        except (OSError, ValueError) as e:
+            raise ConfigError("--clip-model", s.clip_model, f"cannot load a CLIP config from it "
+                              f"({str(e).splitlines()[0]}); pass a local directory saved with "
+                              f"save_pretrained, or '{clip_score.TINY_RANDOM}'") from None
 
 
 def checkpoint_labels(paths: list[str]) -> list[str]:
