@@ -41,10 +41,10 @@ def benchmark_data(shards, model_name: str, *, workers: Optional[int] = None, ba
     start = time.perf_counter()
     it = iter(loader)
     next(it)
-    warm = time.perf_counter()
+    warm, cpu = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(it)
-    end = time.perf_counter()
+    end, cpu = time.perf_counter(), time.process_time() - cpu
     samples_per_s = batches * batch_size / (end - warm)
     return {
         "model": cfg.name, "shards": len(urls), "workers": workers, "batch_size": batch_size, "batches": batches,
@@ -53,6 +53,9 @@ def benchmark_data(shards, model_name: str, *, workers: Optional[int] = None, ba
         "samples_per_s": round(samples_per_s, 2),
         "samples_per_s_per_worker": round(samples_per_s / max(1, workers), 2),
         "first_batch_s": round(warm - start, 3),
+        # with workers=0 all loading runs in this process: samples per CPU-second is then a
+        # figure that holds on a shared, busy machine, where wall-clock rates do not
+        "samples_per_cpu_s": round(batches * batch_size / cpu, 2) if workers == 0 and cpu > 0 else None,
         "seen": loader.seen, "kept": loader.kept, "skipped": loader.skipped, "notes": notes,
     }
 
@@ -62,7 +65,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"{r['model']}: {r['samples_per_s']:.1f} samples/s with {r['workers']} workers "
         f"({r['samples_per_s_per_worker']:.1f} per worker), batch {r['batch_size']} x {r['batches']}, "
-        f"first batch {r['first_batch_s']:.2f} s",
+        f"first batch {r['first_batch_s']:.2f} s"
+        + (f", {r['samples_per_cpu_s']:.1f} samples per CPU-second" if r["samples_per_cpu_s"] else ""),
         f"  views: {r['resolution']} px" + (f", low-res {r['lowres_resolution']} px" if r["lowres_resolution"] else "")
         + (f", crops {r['train_crop']} px" if r["train_crop"] else "") + f", min_side {r['min_side']}",
         f"  samples seen {r['seen']}, kept {r['kept']}, skipped: {skipped}",

@@ -147,3 +147,26 @@ def make_demo_data(out: str | Path, n: int, *, seed: int = 0, size: int = 64, sh
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled)
+
+
+def photo_like(width: int, height: int, seed: int) -> Image.Image:
+    """A photo-like test image: smooth coloured waves plus fine noise (JPEG-compresses like a photo)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    chans = [np.sin(2 * np.pi * (rng.uniform(1, 6) * x + rng.uniform(1, 6) * y) + rng.uniform(0, 6))
+             for _ in range(3)]
+    arr = np.stack(chans, -1) * 0.4 + 0.5 + rng.normal(0, 0.08, (height, width, 3))
+    return Image.fromarray((arr.clip(0, 1) * 255).astype(np.uint8))
+
+
+def write_photo_folder(out: str | Path, n: int, *, min_side: int = 384, max_side: int = 640, seed: int = 0) -> None:
+    """n photo-like JPEGs of random size with same-named .txt captions: input for prepare-data benchmarks."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(n):
+        w, h = rng.randint(min_side, max_side), rng.randint(min_side, max_side)
+        photo_like(w, h, seed=rng.randrange(2**31)).save(out / f"{i:06d}.jpg", quality=90)
+        (out / f"{i:06d}.txt").write_text(f"a photo number {i} of colourful waves with some texture")
