@@ -306,3 +306,13 @@ def test_make_demo_data_is_deterministic_and_holds_out_combinations(tmp_path):
     colors, counts = np.unique(pic, axis=0, return_counts=True)
     top = [tuple(int(v) for v in c) for c in colors[np.argsort(-counts)][:2]]
     assert set(top) == {PALETTE["orange"], PALETTE["gray"]}
+
+
+def test_loading_leaves_the_global_rng_alone(data):
+    """The trainer draws noise from torch's global RNG; the loader must not move it (exact resume)."""
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    for workers in (0, 2):
+        next(iter(make_train_loader(tiny_cfg(min_side=0), data["emb"], micro_batch=2, workers=workers)))
+    next(iter(make_train_loader(tiny_cfg(min_side=0, precached=False), data["raw"], micro_batch=2, workers=0)))
+    assert torch.equal(torch.get_rng_state(), state)

@@ -329,8 +329,11 @@ class TrainLoader:
         if self.spec.num_workers == 0:
             it = iter(pipe)
         else:
+            # own generator: the DataLoader would otherwise draw its base seed from the global
+            # torch RNG, shifting the trainer's noise draws after a resume
+            gen = torch.Generator().manual_seed(self.spec.seed)
             it = iter(torch.utils.data.DataLoader(pipe, batch_size=None, num_workers=self.spec.num_workers,
-                                                  pin_memory=self.pin_memory, prefetch_factor=2))
+                                                  pin_memory=self.pin_memory, prefetch_factor=2, generator=gen))
         for item in it:
             if "_error" in item:
                 raise DataError(item["_error"])
