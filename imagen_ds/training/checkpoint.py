@@ -163,8 +163,9 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
 # --------------------------------------------------------------------------- load (training)
 
 
-def load(engine, ckpt_dir: Path, tag: str, ema) -> dict:
-    """Collective. Restores weights, optimizer, schedule, EMA and (same world size) RNG states.
+def load(engine, ckpt_dir: Path, tag: str, ema) -> tuple[dict, dict | None]:
+    """Collective. Restores weights, optimizer, schedule and EMA; returns (meta, this rank's RNG
+    states or None when the world size changed). Set the RNG right before the first step.
 
     Same number of ranks: DeepSpeed's own load (bit-exact). Different number: the ZeRO shards
     do not fit, so the weights come from the consolidated fp32 state (exact fp32 masters), the
@@ -179,16 +180,16 @@ def load(engine, ckpt_dir: Path, tag: str, ema) -> dict:
         path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
             raise ConfigError(str(ckpt_dir / tag), "checkpoint", "DeepSpeed could not load it")
-        set_rng_state(torch.load(ckpt_dir / tag / f"rng_rank{rank:04d}.pt", weights_only=False))
+        rng = torch.load(ckpt_dir / tag / f"rng_rank{rank:04d}.pt", weights_only=False)
     else:
         _load_consolidated(engine, ckpt_dir, tag, meta)
         if rank == 0:
             log.warning("resuming %s saved by %d ranks on %d ranks: weights and EMA restored exactly from the "
                         "consolidated fp32 state; optimizer moments restart; data order and RNG streams "
                         "are re-seeded", tag, meta["world_size"], world)
-        seed_everything(meta["seed"] + 1_000_003 * meta["step"] + rank)
+        rng = None
     ema.load_state_dict(torch.load(ckpt_dir / tag / "ema.pt", map_location="cpu", weights_only=False))
-    return meta
+    return meta, rng
 
 
 def consolidated_fp32(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:

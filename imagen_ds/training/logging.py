@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import resource
+import secrets
 import sys
 from pathlib import Path
 
@@ -75,7 +76,7 @@ class MetricsLogger:
             log.warning("wandb is not installed (pip install 'imagen_ds[wandb]'); logging to metrics.jsonl only")
             return None
         id_file = self.out / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         run = wandb.init(project=os.environ.get("WANDB_PROJECT", "imagen_ds"), id=run_id, resume="allow",
                          dir=str(self.out), name=self.out.name, config=cfg.to_dict())

@@ -18,6 +18,7 @@ import torch
 from imagen_ds.config import ImagenConfig
 from imagen_ds.errors import ConfigError
 from imagen_ds.training import checkpoint as ckpt
+from imagen_ds.training.ds_config import grad_accumulation
 from imagen_ds.training.dist_env import init_distributed, setup_env
 from imagen_ds.training.ema import EMA
 from imagen_ds.training.engine import build_engine, train_step
@@ -111,6 +112,7 @@ def train(cfg: ImagenConfig, data: Any, out: str | Path, *, steps: int | None = 
     latest complete checkpoint in `out` (starts fresh when there is none). Every rank calls this.
     """
     env = setup_env(local_rank)
+    grad_accumulation(cfg.training.global_batch, cfg.training.micro_batch, env.world_size, cfg.source)  # fail early
     init_distributed(env)
     rank, world = env.rank, env.world_size
     setup_console(rank)
@@ -134,13 +136,12 @@ def train(cfg: ImagenConfig, data: Any, out: str | Path, *, steps: int | None = 
     ckpt.seed_everything(seed)
     built = build_engine(cfg, ds_config=ds_config, steps=steps, seed=seed)
     cfg, engine, device = built.cfg, built.engine, built.device
-    ckpt.seed_everything(seed + rank)
     ema = EMA(engine.module, tr.ema_decay, tr.ema_warmup, device="cpu" if tr.ema_on_cpu else None)
 
     state = TrainState()
-    same_world = True
+    same_world, rng = True, None
     if tag is not None:
-        meta = ckpt.load(engine, ckpt_dir, tag, ema)
+        meta, rng = ckpt.load(engine, ckpt_dir, tag, ema)
         state = TrainState(**{k: meta[k] for k in asdict(state)})
         same_world = meta["world_size"] == world
         log.info("resumed from %s (step %d, %d samples seen)", ckpt_dir / tag, state.step, state.samples_seen)
@@ -174,6 +175,11 @@ def train(cfg: ImagenConfig, data: Any, out: str | Path, *, steps: int | None = 
     stop = _StopFlag()
     stop.install()
 
+    # each rank its own noise stream; set last, so nothing above (W&B, the sampler) shifts it
+    if rng is not None:
+        ckpt.set_rng_state(rng)
+    else:
+        ckpt.seed_everything(seed + rank + 1_000_003 * state.step)
     last_saved = tag
     loss_acc, n_loss, n_steps, wait_acc = torch.zeros((), device=device), 0, 0, 0.0
     t_last = time.perf_counter()
@@ -231,7 +237,9 @@ def train(cfg: ImagenConfig, data: Any, out: str | Path, *, steps: int | None = 
             if stopping or state.step % save_every == 0 or state.step == steps:
                 meta = {**asdict(state), "world_size": world, "seed": seed, "steps": steps,
                         "config": cfg.to_dict()}
+                t_save = time.perf_counter()
                 last_saved = ckpt.save(engine, ckpt_dir, meta, ema, tr.keep_last)
+                t_last += time.perf_counter() - t_save  # saving is not step time
                 log.info("saved %s", ckpt_dir / last_saved)
             if stopping:
                 log.info("stopped by %s at step %d; resume with --resume", stop.requested or "another rank",
@@ -239,8 +247,10 @@ def train(cfg: ImagenConfig, data: Any, out: str | Path, *, steps: int | None = 
                 break
 
             if sampler is not None and state.step % tr.sample_every == 0:
+                t_sample = time.perf_counter()
                 grid = sampler.make(ema, state.step)
                 logger.log_images(state.step, grid, sampler.captions)
+                t_last += time.perf_counter() - t_sample
     finally:
         stop.restore()
         logger.close()

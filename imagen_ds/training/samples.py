@@ -40,12 +40,12 @@ class SampleGrid:
 
         from imagen_ds.models import build_model
 
-        if self._net is None:
-            self._net = build_model(self.cfg).to(self.device).eval()
-        ema.copy_to(self._net)
         p = self.prompts
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # sampling must not shift the training RNG
+        with torch.random.fork_rng(devices=devices):  # building and sampling must not shift the training RNG
+            if self._net is None:
+                self._net = build_model(self.cfg).to(self.device).eval()
+            ema.copy_to(self._net)
             g = torch.Generator(device=self.device).manual_seed(0)
             images = self.diffusion.sample(self._net, p["text_emb"], p["text_mask"], p.get("lowres"),
                                            shape=tuple(p["image"].shape), generator=g)
