@@ -164,12 +164,11 @@ def _generate(stages, prompts: list[str], missing: list[int], d: Path, w: float,
     from imagen_ds.eval.generate import sample_batch
 
     d.mkdir(parents=True, exist_ok=True)
-    gen_device = "cuda" if torch.device(s.device).type == "cuda" else "cpu"
     with tqdm(total=len(missing), desc=desc, unit="img", disable=not s.progress) as bar:
         for start in range(0, len(missing), s.batch_size):
             idx = missing[start:start + s.batch_size]
-            g = torch.Generator(gen_device).manual_seed(s.seed * 1_000_003 + idx[0])
-            images = sample_batch(stages, [prompts[i] for i in idx], w, g, text)  # [B, 3, R, R]
+            seed = s.seed * 1_000_003 + idx[0]  # a batch's noise depends on where it starts, not on the run
+            images = sample_batch(stages, [prompts[i] for i in idx], w, seed, text)  # [B, 3, R, R]
             for i, image in zip(idx, images):
                 save_png(image, d / f"{i:06d}.png")
             bar.update(len(idx))
