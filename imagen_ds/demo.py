@@ -1,0 +1,392 @@
+"""`imagen-ds demo`: train a small text-to-image model offline on CPU and show it learned the text.
+
+The steps, in order:
+  1. data    synthetic shapes shards ("a red circle on a blue background") with t5-tiny-random
+             embeddings precached; some colour/shape/background combinations are held out;
+  2. train   demo_res_32 with the real engine (DeepSpeed ZeRO-2, bf16 where the CPU has it)
+             for a fixed budget of minutes and/or steps, EMA as in the trainer, one checkpoint;
+  3. sample  the held-out captions with classifier-free guidance, and the same model with the
+             text dropped (the unconditional baseline);
+  4. check   each sample's colour and shape against its caption (imagen_ds.eval.alignment);
+  5. report  summary.json, a grid PNG with the captions under the images, a printed summary.
+
+The checkpoint in OUT/run is a normal training checkpoint: `imagen-ds sample --base OUT/run`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from imagen_ds.config import ImagenConfig, load_config
+
+REPO_DOCS = Path(__file__).resolve().parent.parent / "docs"
+CELL = 4  # grid images are shown 4x larger (nearest neighbour): 32 px -> 128 px
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 is only worth it where the CPU computes in bf16 natively (AVX512-BF16 / AMX)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(cfg: ImagenConfig, precision: str) -> ImagenConfig:
+    """precision 'auto': bf16 where supported, else fp32; 'bf16' / 'fp32' as given."""
+    if precision == "auto":
+        precision = "bf16" if cpu_has_bf16() else "fp32"
+    return cfg.replace(training={"precision": precision})
+
+
+def machine() -> str:
+    import os
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name}, {cores} cores, torch {torch.__version__}"
+
+
+# --------------------------------------------------------------------------- 1. data
+
+
+def make_data(cfg: ImagenConfig, out: Path, n: int, seed: int) -> dict:
+    """Shards with precached embeddings in OUT/data; reused when a previous run made the same ones."""
+    from imagen_ds.data.synthetic import make_demo_data
+
+    info_path = out / "heldout.json"
+    want = {"n": n, "seed": seed, "size": cfg.model.resolution, "encoder": cfg.text.encoder}
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if all(info.get(k) == v for k, v in want.items()) and list(out.glob("*.tar")):
+            print(f"[1/4] data: reusing {n} images in {out}")
+            return info
+    print(f"[1/4] data: drawing {n} captioned images, embedding captions with {cfg.text.encoder}")
+    return make_demo_data(out, n, seed=seed, size=cfg.model.resolution, encoder=cfg.text.encoder,
+                          max_tokens=cfg.text.max_tokens, shard_size=max(1, min(n, 2000)), progress=True)
+
+
+# --------------------------------------------------------------------------- 2. train
+
+
+def train(cfg: ImagenConfig, shards: Path, run_dir: Path, *, minutes: Optional[float], steps: Optional[int],
+          seed: int) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
+    """Train until `minutes` of wall time or `steps` optimizer steps, whichever comes first.
+
+    Returns (stats, EMA network, raw network), both fp32 copies in eval mode on CPU.
+    """
+    from tqdm import tqdm
+
+    from imagen_ds.data import make_train_loader
+    from imagen_ds.diffusion import build_diffusion
+    from imagen_ds.models import build_model
+    from imagen_ds.training import checkpoint as ckpt
+    from imagen_ds.training.dist_env import init_distributed, setup_env
+    from imagen_ds.training.ema import EMA
+    from imagen_ds.training.engine import build_engine, train_step
+    from imagen_ds.training.run_info import write_run_info
+
+    _quiet_deepspeed()
+    env = setup_env()
+    print("[2/4] train: starting DeepSpeed (the first run compiles a small op, ~40 s)")
+    init_distributed(env)
+    _quiet_deepspeed()
+    tr = cfg.training
+    budget_s = None if minutes is None else minutes * 60.0
+    # the schedule spans --steps, or a generous guess for a time budget (constant lr after warm-up)
+    span = steps if steps is not None else max(tr.warmup_steps + 1, 100_000)
+
+    ckpt.seed_everything(seed)
+    built = build_engine(cfg, steps=span, seed=seed)
+    cfg, engine = built.cfg, built.engine
+    ema = EMA(engine.module, tr.ema_decay, tr.ema_warmup)
+    write_run_info(run_dir, cfg, built.ds_config, seed=seed, world_size=env.world_size, launcher=env.launcher,
+                   optimizer=built.optimizer_name, resumed_from=None,
+                   extra={"demo": True, "minutes": minutes, "steps": steps})
+    loader = make_train_loader(cfg, str(shards), micro_batch=tr.micro_batch, seed=seed)
+    batches = iter(loader)
+    diffusion = build_diffusion(cfg)
+
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path.write_text("")
+    step, loss_acc, n_acc, last_loss = 0, 0.0, 0, float("nan")
+    bar = tqdm(total=steps if steps is not None else int(budget_s), unit="step" if steps is not None else "s",
+               desc="train", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    while True:
+        res = train_step(built, diffusion, batches)
+        step += 1
+        if res.applied:
+            ema.update(engine.module)
+        loss_acc += float(res.loss)
+        n_acc += 1
+        elapsed = time.perf_counter() - t0
+        if step % tr.log_every == 0:
+            last_loss = loss_acc / n_acc
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"step": step, "loss": last_loss, "lr": engine.get_lr()[0],
+                                    "samples_seen": step * tr.global_batch, "elapsed_s": elapsed}) + "\n")
+            bar.set_postfix(step=step, loss=f"{last_loss:.4f}", it_s=f"{step / elapsed:.2f}")
+            loss_acc, n_acc = 0.0, 0
+        bar.n = step if steps is not None else min(int(elapsed), int(budget_s))
+        bar.refresh()
+        if (steps is not None and step >= steps) or (budget_s is not None and elapsed >= budget_s):
+            break
+    bar.close()
+    train_s = time.perf_counter() - t0
+    if n_acc:
+        last_loss = loss_acc / n_acc
+
+    meta = {"step": step, "samples_seen": step * tr.global_batch, "micro_batches": step * built.accumulation,
+            "skipped_steps": 0, "bad_in_row": 0, "world_size": env.world_size, "seed": seed, "steps": step,
+            "config": cfg.to_dict()}
+    ckpt.save(engine, run_dir / "checkpoints", meta, ema, keep_last=1)
+
+    # fp32 copies for sampling: the engine may hold bf16 weights
+    raw = build_model(cfg)
+    raw.load_state_dict({k: v.float() for k, v in engine.module.state_dict().items()})
+    averaged = build_model(cfg)
+    averaged.load_state_dict(raw.state_dict())
+    ema.copy_to(averaged)
+    stats = {"steps": step, "train_minutes": train_s / 60.0, "steps_per_s": step / train_s,
+             "samples_seen": step * tr.global_batch, "final_loss": last_loss,
+             "precision": cfg.training.precision, "optimizer": built.optimizer_name,
+             "loader_skipped": loader.skipped}
+    return stats, averaged.eval(), raw.eval()
+
+
+def _quiet_deepspeed() -> None:
+    """DeepSpeed logs every setting at INFO; the demo's reader wants the progress bars."""
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------- 3. sample
+
+
+class TextDropped(torch.nn.Module):
+    """The same network with every row's text replaced by its null embedding (unconditional)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, noise_cond, text_emb, text_mask, lowres=None, aug_level=None, cond_drop=None):
+        drop = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        return self.net(x, noise_cond, text_emb, text_mask, lowres=lowres, aug_level=aug_level, cond_drop=drop)
+
+
+def sample_captions(cfg: ImagenConfig, net: torch.nn.Module, captions: list[str], *, seed: int,
+                    unconditional: bool = False, guidance: Optional[float] = None,
+                    steps: Optional[int] = None, desc: str = "sample") -> torch.Tensor:
+    """One image per caption ([N, 3, S, S] in [-1, 1]); the same seed gives the same starting noise."""
+    from imagen_ds.diffusion import build_diffusion
+    from imagen_ds.text import load_encoder
+
+    encoder = load_encoder(cfg.text.encoder)
+    emb, mask = encoder.encode(captions, cfg.text.max_tokens)  # [N, T, D], [N, T]
+    s = cfg.sampling
+    changes = {k: v for k, v in (("guidance", guidance), ("steps", steps)) if v is not None}
+    if unconditional:
+        net, changes["guidance"] = TextDropped(net), 1.0  # guidance of null vs null is a no-op
+    s = dataclasses.replace(s, **changes)
+    generator = torch.Generator().manual_seed(seed)
+    r = cfg.model.resolution
+    print(f"      {desc}: {len(captions)} images, {s.sampler} {s.steps} steps, guidance {s.guidance}")
+    return build_diffusion(cfg).sample(net, emb, mask, shape=(len(captions), 3, r, r), sampling=s,
+                                       generator=generator, progress=True)
+
+
+def autocast_for(cfg: ImagenConfig):
+    """Sample in the precision the model trained in (bf16 halves the CPU time of sampling)."""
+    import contextlib
+
+    if cfg.training.precision == "bf16" and not torch.cuda.is_available():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- 5. the grid
+
+
+def _to_pil(img: torch.Tensor):
+    from PIL import Image
+
+    a = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # [H, W, 3]
+    return Image.fromarray(a)
+
+
+def save_grid(path: Path, rows: list[tuple[list[torch.Tensor], list[str], list[Optional[bool]]]],
+              title: str) -> None:
+    """Rows of images, each with its caption written under it (green: the checker agrees)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=11)
+    cols = max(len(r[0]) for r in rows)
+    side = max(img.shape[-1] for r in rows for img in r[0]) * CELL
+    text_h, pad, head = 30, 6, 26
+    w = cols * (side + pad) + pad
+    h = head + len(rows) * (side + text_h + pad) + pad
+    grid = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    draw.text((pad, 6), title, fill=(0, 0, 0), font=font)
+    for i, (images, captions, verdicts) in enumerate(rows):
+        y = head + i * (side + text_h + pad)
+        for j, (img, cap, ok) in enumerate(zip(images, captions, verdicts)):
+            x = pad + j * (side + pad)
+            grid.paste(_to_pil(img).resize((side, side), Image.Resampling.NEAREST), (x, y))
+            color = (0, 0, 0) if ok is None else ((0, 130, 0) if ok else (200, 0, 0))
+            for k, line in enumerate(_two_lines(cap)):
+                draw.text((x, y + side + 2 + 13 * k), line, fill=color, font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def _two_lines(caption: str) -> list[str]:
+    """'a red circle on a blue background' -> ['a red circle', 'on a blue background']."""
+    if " on a " in caption:
+        head, tail = caption.split(" on a ", 1)
+        return [head, "on a " + tail]
+    return [caption]
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def run_demo(out: str | Path = "demo_out", *, minutes: Optional[float] = 8.0, steps: Optional[int] = None,
+             seed: int = 0, n_images: int = 10000, per_caption: int = 8, model: str = "demo_res_32",
+             precision: str = "auto", sample_steps: Optional[int] = None,
+             docs_png: Optional[str | Path] = REPO_DOCS / "demo.png", compare_raw: bool = False,
+             cfg_changes: Optional[dict] = None) -> dict:
+    """The whole demo. Returns (and writes to OUT/summary.json) the numbers it printed."""
+    from imagen_ds.eval.alignment import alignment_scores, chance_color_accuracy
+
+    if minutes is None and steps is None:
+        raise ValueError("give a training budget: minutes and/or steps")
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = resolve_precision(load_config(model), precision)
+    if cfg_changes:
+        cfg = cfg.replace(**cfg_changes)
+
+    # 1. data
+    info = make_data(cfg, out / "data", n_images, seed)
+    heldout = [h["caption"] for h in info["heldout"]]
+
+    # 2. train
+    run_dir = out / "run"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a demo run starts fresh; its data is reused
+    run_dir.mkdir(parents=True)
+    stats, net, raw = train(cfg, out / "data", run_dir, minutes=minutes, steps=steps, seed=seed)
+
+    # 3. sample: every held-out caption `per_caption` times, with and without the text
+    print(f"[3/4] sample: {len(heldout)} held-out captions x {per_caption}")
+    captions = [c for c in heldout for _ in range(per_caption)]
+    t_sample = time.perf_counter()
+    kw = {"seed": seed, "steps": sample_steps}
+    with autocast_for(cfg):
+        cond = sample_captions(cfg, net, captions, desc="with text (EMA)", **kw)
+        uncond = sample_captions(cfg, net, captions, unconditional=True, desc="text dropped", **kw)
+        raw_samples = sample_captions(cfg, raw, captions, desc="with text (raw weights)", **kw) if compare_raw else None
+    sample_s = time.perf_counter() - t_sample
+
+    # 4. check
+    print("[4/4] check: reading colour and shape back from every image")
+    scores = alignment_scores(cond, captions)
+    base = alignment_scores(uncond, captions)
+    raw_scores = alignment_scores(raw_samples, captions) if raw_samples is not None else None
+
+    # 5. report
+    per_caption_acc = {c: {"color": 0.0, "shape": 0.0} for c in heldout}
+    for r in scores["results"]:
+        per_caption_acc[r["caption"]]["color"] += r["color_ok"] / per_caption
+        per_caption_acc[r["caption"]]["shape"] += r["shape_ok"] / per_caption
+    summary = {
+        "color_accuracy": scores["color_accuracy"],
+        "shape_accuracy": scores["shape_accuracy"],
+        "background_accuracy": scores["background_accuracy"],
+        "uncond_color_accuracy": base["color_accuracy"],
+        "uncond_shape_accuracy": base["shape_accuracy"],
+        "chance_color_accuracy": chance_color_accuracy(captions),
+        "raw_color_accuracy": raw_scores["color_accuracy"] if raw_scores else None,
+        "raw_shape_accuracy": raw_scores["shape_accuracy"] if raw_scores else None,
+        **stats,
+        "sample_minutes": sample_s / 60.0,
+        "total_minutes": (time.perf_counter() - t_start) / 60.0,
+        "heldout_captions": heldout,
+        "samples_per_caption": per_caption,
+        "per_caption": per_caption_acc,
+        "colors_read": scores["colors_read"],
+        "uncond_colors_read": base["colors_read"],
+        "sampling": dataclasses.asdict(cfg.sampling),
+        "model": cfg.name,
+        "train_images": info["n"],
+        "seed": seed,
+        "machine": machine(),
+        "checkpoint": str(run_dir),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+
+    shown = min(per_caption, 6)
+    rows = []
+    for i, c in enumerate(heldout):
+        idx = list(range(i * per_caption, i * per_caption + shown))
+        rows.append(([cond[k] for k in idx], [c] * shown,
+                     [scores["results"][k]["color_ok"] and scores["results"][k]["shape_ok"] for k in idx]))
+    dropped = [k * per_caption for k in range(min(len(heldout), shown))]  # one per caption's noise
+    rows.append(([uncond[k] for k in dropped], ["(text dropped)"] * len(dropped), [None] * len(dropped)))
+    title = (f"held-out captions, {summary['steps']} steps / {summary['train_minutes']:.1f} min on CPU: "
+             f"colour {summary['color_accuracy']:.2f}, shape {summary['shape_accuracy']:.2f} "
+             f"(text dropped: colour {summary['uncond_color_accuracy']:.2f})")
+    grid_path = out / "grid.png"
+    save_grid(grid_path, rows, title)
+    if docs_png is not None and Path(docs_png).parent.is_dir():
+        shutil.copyfile(grid_path, docs_png)
+        summary["docs_png"] = str(docs_png)
+
+    print(format_summary(summary, out))
+    return summary
+
+
+def format_summary(s: dict, out: Path) -> str:
+    lines = [
+        "",
+        "=" * 72,
+        f"imagen-ds demo: {s['model']} trained {s['steps']} steps ({s['samples_seen']} images seen) "
+        f"in {s['train_minutes']:.1f} min, {s['precision']}",
+        f"  held-out captions ({len(s['heldout_captions'])} never seen in training, "
+        f"{s['samples_per_caption']} samples each):",
+        f"    colour accuracy      {s['color_accuracy']:.2f}   (goal >= 0.90)",
+        f"    shape accuracy       {s['shape_accuracy']:.2f}",
+        f"  text dropped (unconditional baseline):",
+        f"    colour accuracy      {s['uncond_color_accuracy']:.2f}   (chance ~{s['chance_color_accuracy']:.2f})",
+    ]
+    if s.get("raw_color_accuracy") is not None:
+        lines.append(f"  raw (non-EMA) weights: colour {s['raw_color_accuracy']:.2f}, shape {s['raw_shape_accuracy']:.2f}")
+    lines += [
+        f"  grid: {out / 'grid.png'}   summary: {out / 'summary.json'}   checkpoint: {s['checkpoint']}",
+        f"  total {s['total_minutes']:.1f} min on {s['machine']}",
+        "=" * 72,
+    ]
+    return "\n".join(lines)
