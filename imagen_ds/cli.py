@@ -286,11 +286,14 @@ def evaluate(checkpoints, prompts, ref_images, guidance, num_samples, steps, sam
 @click.option("--minutes", type=float, default=8.0, show_default=True, help="Training budget in wall-clock minutes.")
 @click.option("--steps", type=int, default=None, help="Stop after this many optimizer steps (also with --minutes).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--images", "n_images", type=int, default=20000, show_default=True, help="Synthetic training images.")
+@click.option("--images", "n_images", type=int, default=10000, show_default=True, help="Synthetic training images.")
 @click.option("--per-caption", type=int, default=8, show_default=True, help="Samples per held-out caption.")
+@click.option("--sample-steps", type=int, default=None, help="Sampler steps (default: the model config's).")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="auto: bf16 where the CPU computes it natively, else fp32.")
-def demo(out, minutes, steps, seed, n_images, per_caption, precision):
+@click.option("--docs/--no-docs", "to_docs", default=True, show_default=True,
+              help="Copy the grid to the repository's docs/demo.png.")
+def demo(out, minutes, steps, seed, n_images, per_caption, sample_steps, precision, to_docs):
     """Train a small text-to-image model offline on CPU and check it follows held-out captions."""
     from imagen_ds.demo import run_demo
 
@@ -298,8 +301,9 @@ def demo(out, minutes, steps, seed, n_images, per_caption, precision):
         minutes = None
     if minutes is None and steps is None:
         raise ConfigError("imagen-ds demo", "--minutes", "give a positive --minutes or --steps")
+    kw = {} if to_docs else {"docs_png": None}
     run_demo(out, minutes=minutes, steps=steps, seed=seed, n_images=n_images, per_caption=per_caption,
-             precision=precision)
+             precision=precision, sample_steps=sample_steps, **kw)
 
 
 if __name__ == "__main__":
