@@ -273,3 +273,41 @@ def test_non_finite_losses_are_skipped_and_too_many_in_a_row_stop_the_run(shards
     assert (ckpts / "latest").read_text() == "step_00000002"
     net, _ = load_for_inference(tmp_path / "two")
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def test_rank_and_rendezvous_come_from_each_launcher():
+    from imagen_ds.training.dist_env import first_slurm_host, setup_env
+
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+             "SLURM_JOB_NODELIST": "gpu[003-004,010],login1"}
+    env = setup_env(environ=slurm)
+    assert (env.rank, env.world_size, env.local_rank, env.launcher) == (5, 16, 1, "slurm")
+    assert slurm["MASTER_ADDR"] == "gpu003" and slurm["RANK"] == "5" and slurm["MASTER_PORT"] == str(20000 + 4242)
+    assert first_slurm_host("node7") == "node7"
+    # the deepspeed launcher: RANK/WORLD_SIZE in the environment and --local_rank on the command line
+    ds = {"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29501"}
+    env = setup_env(local_rank_arg=1, environ=ds)
+    assert (env.rank, env.local_rank, env.world_size, env.launcher) == (3, 1, 4, "torch") and ds["LOCAL_RANK"] == "1"
+    # plain python: one process, with the variables DeepSpeed needs
+    single = {}
+    env = setup_env(environ=single)
+    assert (env.rank, env.world_size, env.launcher) == (0, 1, "single")
+    assert {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} <= set(single)
+
+
+def test_train_script_runs_as_a_file_and_as_a_module_with_the_launcher_flag():
+    import subprocess
+    import sys
+
+    from imagen_ds.train import parser
+    from imagen_ds.training.launch import launch_command
+    from test_training_support import REPO
+
+    assert parser().parse_args(["--model", "m", "--data", "d", "--out", "o", "--local_rank=2"]).local_rank == 2
+    r = subprocess.run([sys.executable, str(REPO / "imagen_ds" / "train.py"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--resume" in r.stdout
+    cmd = launch_command(2, ["--model", "m"], master_port=1234)
+    assert cmd[1:5] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "2"] and cmd[-2:] == ["--model", "m"]

@@ -29,7 +29,7 @@ def peak_memory_gb(device: torch.device) -> float:
     """Peak accelerator memory of this process, or its peak resident set size on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
 
 
 def status_line(m: dict, total_steps: int | None) -> str:
