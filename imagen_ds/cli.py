@@ -137,6 +137,62 @@ def benchmark_data(shards, model_name, workers, batches, batch_size, as_json):
 # --------------------------------------------------------------------------- diffusion, sampling (issue 3)
 
 
+@main.command()
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Text prompt (repeatable).")
+@click.option("--base", required=True, help="Base model: run dir, checkpoint dir or exported .safetensors.")
+@click.option("--sr256", default=None, help="First super-resolution stage (same forms as --base).")
+@click.option("--sr1024", default=None, help="Second super-resolution stage.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory for the PNGs.")
+@click.option("--steps", default=None, help="Steps: one value for all stages or one per stage, e.g. 30,20,20.")
+@click.option("--guidance", default=None, help="Guidance weight(s), e.g. 7.5,8,7.5 (1 = no guidance).")
+@click.option("--sampler", default=None, help="heun | stochastic | ancestral | ddim, one or one per stage.")
+@click.option("--threshold", type=click.Choice(["dynamic", "static", "none"]), default=None,
+              help="x0 thresholding for all stages (default: each config's).")
+@click.option("--aug-level", default=None, help="Noise-augmentation level(s) of the SR stages, in [0, 1].")
+@click.option("--seed", default=0, show_default=True, help="Prompt batch k (see --batch) uses seed + k * batch.")
+@click.option("--batch", default=8, show_default=True, help="Prompts sampled together.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--no-ema", is_flag=True, help="Use the raw trained weights instead of the EMA ones.")
+def sample(prompts, base, sr256, sr1024, out, steps, guidance, sampler, threshold, aug_level, seed, batch, device,
+           no_ema):
+    """Sample the cascade: base, then each SR stage from the previous output; writes PNGs and a grid."""
+    import torch
+
+    from imagen_ds.diffusion.cascade import Stage, parse_per_stage, sample_cascade
+    from imagen_ds.diffusion.images import make_grid, save_images
+    from imagen_ds.diffusion.scheme import with_sampling
+    from imagen_ds.text import load_encoder
+    from imagen_ds.training.checkpoint import load_for_inference
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    paths = [p for p in (base, sr256, sr1024) if p is not None]
+    n = len(paths)
+    per = dict(steps=parse_per_stage("--steps", steps, n, int), guidance=parse_per_stage("--guidance", guidance, n, float),
+               sampler=parse_per_stage("--sampler", sampler, n))
+    augs = [None] + parse_per_stage("--aug-level", aug_level, n - 1, float) if n > 1 else [None]
+    stages = []
+    for i, path in enumerate(paths):
+        net, cfg = load_for_inference(path, ema=not no_ema, device=device)
+        sampling = with_sampling(cfg.sampling, steps=per["steps"][i], guidance=per["guidance"][i],
+                                 sampler=per["sampler"][i], threshold=threshold)
+        stages.append(Stage(net, cfg, sampling=sampling, aug_level=augs[i]))
+    encoders = {}
+    images = []
+    for k in range(0, len(prompts), batch):
+        chunk = list(prompts[k:k + batch])
+        for st in stages:  # each stage reads its own config's encoder (usually all the same one)
+            key = (st.cfg.text.encoder, st.cfg.text.max_tokens)
+            if key[0] not in encoders:
+                encoders[key[0]] = load_encoder(key[0], device=device)
+            st.text = encoders[key[0]].encode(chunk, key[1])
+        outs = sample_cascade(stages, *stages[0].text, seed=seed + k, progress=True)
+        images.append(outs[-1].cpu())
+        save_images(outs[-1], out, chunk, start=k)
+    grid = torch.cat(images)
+    make_grid(grid).save(f"{out}/grid.png")
+    click.echo(f"wrote {grid.shape[0]} images ({grid.shape[-1]} px) and grid.png to {out}")
+
+
 # --------------------------------------------------------------------------- training, export (issue 5)
 
 
