@@ -20,7 +20,6 @@ from imagen_ds.errors import ConfigError
 from imagen_ds.models import build_model
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One intra-op thread: on 2 shared cores, 2 OpenMP threads run these small tensors ~50x slower."""

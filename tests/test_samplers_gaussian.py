@@ -8,7 +8,6 @@ noise_cond = -logsnr/8), so the real preconditioning, schedule, guidance wrapper
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 
 from imagen_ds.config import config_from_dict
 from imagen_ds.diffusion import build_diffusion
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
