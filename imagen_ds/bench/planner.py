@@ -236,6 +236,15 @@ def make_plan(model: str | ImagenConfig, *, gpus: int = 8, gpu_mem_gb: float = 8
     }
 
 
+def predict_peak_bytes(plan: dict, *, gpus: int, micro_batch: int, checkpointing: bool) -> int:
+    """A plan's predicted peak for another world size / micro-batch (the activation line is per GPU)."""
+    o = plan["options"]["checkpointing" if checkpointing else "no_checkpointing"]
+    states = model_state_bytes(plan["params"], plan["zero_stage"], gpus, precision=plan["precision"],
+                               ema=plan["model_state_bytes"]["ema"] > 0)
+    return predicted_peak(states["total"], plan["zero_bucket_bytes"], o["activation_fixed_bytes"],
+                          o["activation_bytes_per_sample"], micro_batch)
+
+
 def assumptions(cfg: ImagenConfig, where: str, stage: int, gpus: int, bucket: int, ds: dict) -> list[str]:
     tr = cfg.training
     low = "bf16" if tr.precision == "bf16" else "fp32"

@@ -2,8 +2,11 @@
 
 The engine step is what `train` runs per optimizer step (training.engine.train_step, then the
 EMA update), on one synthetic batch of the right shapes, so the loader is out of the picture.
-The bare baseline is the same model and batch in a plain loop: forward, backward, AdamW, with
-the same precision (fp32 weights under bf16 autocast for bf16 configs, as torch AMP does it).
+The bare baseline is the same model and batch in a plain PyTorch loop doing the same math:
+forward, backward, gradient clipping (foreach norm), fused AdamW, EMA update, with the same
+precision (fp32 weights under bf16 autocast for bf16 configs, as torch AMP does it). So
+overhead_vs_bare is what the engine's machinery (DeepSpeed's ZeRO hooks, buckets, copies,
+its clipping) costs on top of the arithmetic every trainer must do.
 Engine and bare steps alternate, one each, so that load from other processes on a shared
 machine hits both alike; overhead_vs_bare is the median of the per-pair time ratios.
 When both do not fit in the device memory at once (big models on one GPU), the bare loop runs
@@ -87,13 +90,9 @@ def _spread(times: list[float]) -> dict:
             "iqr": q[2] - q[0], "n": len(times)}
 
 
-def benchmark_config(cfg: ImagenConfig, micro_batch: Optional[int] = None) -> ImagenConfig:
+def benchmark_config(cfg: ImagenConfig, micro_batch: Optional[int] = None, world: int = 1) -> ImagenConfig:
     """One micro-batch per optimizer step (accumulation 1): the step time is per micro-batch."""
-    from imagen_ds.training.dist_env import setup_env
-
-    world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
     mb = micro_batch or cfg.training.micro_batch
-    del setup_env
     return cfg.replace(training={"micro_batch": mb, "global_batch": mb * world})
 
 
@@ -108,9 +107,12 @@ def _build_net(cfg: ImagenConfig, device: torch.device, seed: int) -> torch.nn.M
 
 
 class BareLoop:
-    """The baseline: the model stepped by plain PyTorch (forward, backward, AdamW)."""
+    """The baseline: the same step in plain PyTorch (forward, backward, clip, AdamW, EMA)."""
+
+    INCLUDES = ["forward", "backward", "clip_grad_norm_(foreach)", "AdamW(fused)", "EMA update"]
 
     def __init__(self, cfg: ImagenConfig, diffusion, batch: dict, device: torch.device, compile: bool, seed: int):
+        from imagen_ds.training.ema import EMA
         from imagen_ds.training.engine import autocast_for
 
         self.cfg, self.diffusion, self.batch = cfg, diffusion, batch
@@ -118,18 +120,34 @@ class BareLoop:
         if compile:
             self.net.compile()
         tr = cfg.training
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=tr.lr, betas=tuple(tr.betas), eps=tr.eps,
+        self.params = list(self.net.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=tr.lr, betas=tuple(tr.betas), eps=tr.eps,
                                      weight_decay=tr.weight_decay, fused=True)
+        self.ema = EMA(self.net, tr.ema_decay, tr.ema_warmup, device="cpu" if tr.ema_on_cpu else None)
         self.autocast = lambda: autocast_for(cfg, device)
 
     def step(self) -> None:
-        b = self.batch
+        b, clip = self.batch, self.cfg.training.grad_clip
         self.opt.zero_grad(set_to_none=True)
         with self.autocast():
             loss = self.diffusion.training_loss(self.net, b["image"], b["text_emb"], b["text_mask"],
                                                 lowres=b.get("lowres")).float().mean()
         loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
         self.opt.step()
+        self.ema.update(self.net)
+
+
+def _try_bare(cfg, diffusion, batch, device, compile, seed, warmup) -> Optional[BareLoop]:
+    """The bare loop, warmed up; None when it does not fit in the device memory."""
+    try:
+        loop = BareLoop(cfg, diffusion, batch, device, compile, seed)
+        for _ in range(max(1, warmup)):
+            loop.step()
+        return loop
+    except torch.OutOfMemoryError:
+        return None
 
 
 def attention_kernels(step: Callable[[], None]) -> list[str]:
@@ -169,7 +187,7 @@ def benchmark(model: str | ImagenConfig, *, micro_batch: Optional[int] = None, s
         total = torch.cuda.get_device_properties(device).total_memory
         # stand in for a smaller card: the caching allocator refuses to grow past the cap
         torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_mem_cap * 2**30 / total), device)
-    cfg = benchmark_config(cfg, micro_batch)
+    cfg = benchmark_config(cfg, micro_batch, env.world_size)
     torch.manual_seed(seed)
 
     # ---- the engine, exactly as `train` builds and steps it
@@ -208,15 +226,9 @@ def benchmark(model: str | ImagenConfig, *, micro_batch: Optional[int] = None, s
     # ---- the bare loop beside it when it fits, else after the engine is freed
     bare_loop, mode = None, None
     if bare:
-        try:
-            bare_loop = BareLoop(cfg, diffusion, batch, device, compile, seed)
-            for _ in range(max(1, warmup)):
-                bare_loop.step()
-            mode = "interleaved"
-        except torch.OutOfMemoryError:
-            bare_loop = None
-            _free_device_memory(device)
-            mode = "sequential"
+        bare_loop = _try_bare(cfg, diffusion, batch, device, compile, seed, warmup)
+        mode = "interleaved" if bare_loop else "sequential"
+        _free_device_memory(device)  # after the except block: its traceback held the failed attempt
 
     t_engine, t_bare = [], []
     for _ in range(steps):
@@ -225,18 +237,15 @@ def benchmark(model: str | ImagenConfig, *, micro_batch: Optional[int] = None, s
             t_bare.append(timed(bare_loop.step, device))
     kernels = attention_kernels(engine_step)
 
-    bare_note = None
+    bare_note, optimizer_name = None, built.optimizer_name
     if mode == "sequential":
         del engine, built, ema, net
         _free_device_memory(device)
-        try:
-            bare_loop = BareLoop(cfg, diffusion, batch, device, compile, seed)
-            for _ in range(max(1, warmup)):
-                bare_loop.step()
+        bare_loop = _try_bare(cfg, diffusion, batch, device, compile, seed, warmup)
+        if bare_loop:
             t_bare = [timed(bare_loop.step, device) for _ in range(steps)]
-        except torch.OutOfMemoryError:
-            bare_note = "bare loop did not fit in device memory"
-        optimizer_name = None
+        else:
+            bare_note = "bare loop did not fit in device memory, even alone"
     del bare_loop
     _free_device_memory(device)
 
@@ -255,7 +264,7 @@ def benchmark(model: str | ImagenConfig, *, micro_batch: Optional[int] = None, s
         "peak_mem_gb": peak_alloc, "peak_reserved_gb": peak_reserved, "peak_mem_method": mem_kind,
         "gpu_mem_cap_gb": gpu_mem_cap if device.type == "cuda" else None,
         "precision": cfg.training.precision, "zero_stage": cfg.training.zero_stage,
-        "optimizer": built.optimizer_name if mode != "sequential" else _optimizer_name_of(cfg),
+        "optimizer": optimizer_name,
         "attention_kernels": kernels, "checkpoint_activations": cfg.model.checkpoint_activations,
         "compile": compile, "ds_config": ds_config or "default",
         "bare": None, "overhead_vs_bare": None,
@@ -270,17 +279,11 @@ def benchmark(model: str | ImagenConfig, *, micro_batch: Optional[int] = None, s
             overhead = e["median"] / b["median"]
         report["bare"] = {"mode": mode, "step_time_s": b, "samples_per_s": mb * world / b["median"],
                           "tflops": fps * mb / b["median"] / 1e12 if fps else None,
-                          "optimizer": "torch.optim.AdamW(fused=True)"}
+                          "optimizer": "torch.optim.AdamW(fused=True)", "includes": BareLoop.INCLUDES}
         report["overhead_vs_bare"] = overhead
     elif bare_note:
         report["bare"] = {"mode": mode, "note": bare_note}
     return report
-
-
-def _optimizer_name_of(cfg: ImagenConfig) -> str:
-    from imagen_ds.training.optim import make_optimizer
-
-    return make_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg.training)[1]
 
 
 def _version(pkg: str) -> Optional[str]:
