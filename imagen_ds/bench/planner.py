@@ -14,6 +14,8 @@ without activation checkpointing. Where it is measured:
 - fake: big models without a GPU: fake tensors (shapes only, no memory, seconds even for 2B)
         under CPU bf16 autocast, with a ledger of the tensor storages ops create and free. It
         does not see kernel workspaces (cuDNN), so it is a lower bound on the GPU's number.
+Off the GPU the norm layers are made to run in fp32 under autocast, as CUDA autocast runs them
+(CPU autocast does not), so cpu and fake size what a GPU stores (follow_cuda_autocast_norms).
 """
 from __future__ import annotations
 
@@ -42,6 +44,33 @@ def _with_checkpointing(cfg: ImagenConfig, on: bool) -> ImagenConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint_activations=on))
 
 
+def follow_cuda_autocast_norms(net: torch.nn.Module) -> None:
+    """Make net's GroupNorm / LayerNorm layers run in fp32 under CPU autocast, as CUDA autocast does.
+
+    CUDA autocast runs group_norm and layer_norm in fp32 (torch.amp's fp32 list); CPU autocast
+    keeps them in bf16, which would halve the GroupNorm-SiLU activations a GPU stores. Patching
+    the layers (rather than a function mode) keeps the rule inside checkpoint recomputation,
+    which runs in backward. Other ops of that list (softmax, exp, ...) act on small or already
+    fp32 tensors in these networks and are left alone.
+    """
+    for m in net.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            def forward(x, m=m):
+                if not torch.is_autocast_enabled(x.device.type):
+                    return torch.nn.functional.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
+                w, b = (None if t is None else t.float() for t in (m.weight, m.bias))
+                return torch.nn.functional.group_norm(x.float(), m.num_groups, w, b, m.eps)
+        elif isinstance(m, torch.nn.LayerNorm):
+            def forward(x, m=m):
+                if not torch.is_autocast_enabled(x.device.type):
+                    return torch.nn.functional.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
+                w, b = (None if t is None else t.float() for t in (m.weight, m.bias))
+                return torch.nn.functional.layer_norm(x.float(), m.normalized_shape, w, b, m.eps)
+        else:
+            continue
+        m.forward = forward
+
+
 class _ReadScalarsAsOne(torch.utils._python_dispatch.TorchDispatchMode):
     """Fake tensors hold no values: a host read (`bool(mask.all())`) answers True / 1 here."""
 
@@ -57,6 +86,7 @@ def _training_dtype(cfg: ImagenConfig) -> torch.dtype:
 
 
 def _autocast(cfg: ImagenConfig, device_type: str):
+    """The engine's bf16 autocast (training.engine.autocast_for)."""
     if cfg.training.precision == "bf16":
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -92,8 +122,13 @@ def _build_for_measure(cfg: ImagenConfig, device: torch.device):
     return net
 
 
-def measure_activation_bytes(cfg: ImagenConfig, batch_sizes=MEASURE_BATCHES, where: str = "cpu") -> dict:
-    """Peak bytes above the model state of one micro-step at each batch size, on `where`."""
+def measure_activation_bytes(cfg: ImagenConfig, batch_sizes=MEASURE_BATCHES, where: str = "cpu",
+                             like_cuda: bool = True) -> dict:
+    """Peak bytes above the model state of one micro-step at each batch size, on `where`.
+
+    like_cuda: off the GPU, follow CUDA autocast's fp32 ops (a plan is for GPUs); False sizes a
+    CPU run itself.
+    """
     from imagen_ds.diffusion import build_diffusion
 
     diffusion = build_diffusion(cfg)
@@ -103,6 +138,8 @@ def measure_activation_bytes(cfg: ImagenConfig, batch_sizes=MEASURE_BATCHES, whe
         peaks = {}
         with FakeTensorMode(), _ReadScalarsAsOne():
             net = _build_for_measure(cfg, torch.device("cpu"))
+            if like_cuda:
+                follow_cuda_autocast_norms(net)
             for b in batch_sizes:
                 step = _micro_step_fn(cfg, net, diffusion, b, torch.device("cpu"), "cpu")
                 with StorageLedger() as ledger:
@@ -112,6 +149,8 @@ def measure_activation_bytes(cfg: ImagenConfig, batch_sizes=MEASURE_BATCHES, whe
 
     device = torch.device("cuda", torch.cuda.current_device()) if where == "cuda" else torch.device("cpu")
     net = _build_for_measure(cfg, device)
+    if like_cuda and device.type != "cuda":
+        follow_cuda_autocast_norms(net)
     peaks, method = {}, None
     for b in batch_sizes:
         step = _micro_step_fn(cfg, net, diffusion, b, device, device.type)
@@ -179,7 +218,8 @@ def largest_micro_batch(budget: float, states: int, bucket: int, fixed: float, p
 
 
 def make_plan(model: str | ImagenConfig, *, gpus: int = 8, gpu_mem_gb: float = 80.0, zero_stage: Optional[int] = None,
-              measure_on: str = "auto", micro_batch: Optional[int] = None, ds_config=None) -> dict:
+              measure_on: str = "auto", micro_batch: Optional[int] = None, ds_config=None,
+              for_cpu: bool = False) -> dict:
     """The plan for `gpus` data-parallel GPUs of `gpu_mem_gb` GiB each (see the module docstring)."""
     from imagen_ds.errors import ConfigError
     from imagen_ds.models import build_model, count_params
@@ -204,7 +244,8 @@ def make_plan(model: str | ImagenConfig, *, gpus: int = 8, gpu_mem_gb: float = 8
 
     options = {}
     for ckpt in (False, True):
-        measured = measure_activation_bytes(_with_checkpointing(cfg, ckpt), MEASURE_BATCHES, where)
+        measured = measure_activation_bytes(_with_checkpointing(cfg, ckpt), MEASURE_BATCHES, where,
+                                            like_cuda=not for_cpu)
         fixed, per_sample = activation_line(measured["peaks"])
         best = largest_micro_batch(budget, states["total"], bucket, fixed, per_sample)
         options["checkpointing" if ckpt else "no_checkpointing"] = {
@@ -263,12 +304,12 @@ def assumptions(cfg: ImagenConfig, where: str, stage: int, gpus: int, bucket: in
         f"allocator fragmentation); one process per GPU; no other tenant",
     ]
     if where == "fake":
-        items.append("activations measured with fake tensors on the CPU (no GPU here): exact tensor sizes under "
-                     "CPU autocast, but no cuDNN / attention workspaces and CPU attention kernels; expect the "
-                     "GPU's peak a few percent higher")
+        items.append("activations sized with fake tensors on the CPU (no GPU here): exact tensor sizes under "
+                     "CPU autocast with GroupNorm/LayerNorm in fp32 as CUDA autocast runs them, but no cuDNN / "
+                     "attention workspaces and the CPU attention kernel; expect the GPU's peak a few percent higher")
     elif where == "cpu":
-        items.append("activations measured on the CPU: CPU kernels' workspaces and attention kernel stand in "
-                     "for the GPU's")
+        items.append("activations measured on the CPU (norm layers in fp32 as under CUDA autocast): CPU kernels' "
+                     "workspaces and attention kernel stand in for the GPU's")
     return items
 
 
@@ -291,7 +332,7 @@ def format_plan(p: dict) -> str:
     setting = "on" if p["config_checkpoint_activations"] else "off"
     fits = "fits" if p["config_micro_batch_fits"] else "does NOT fit"
     lines += [
-        f"  config (checkpointing {setting}): micro-batch {p['micro_batch']} fits, predicted peak "
+        f"  with the config's checkpointing ({setting}): largest micro-batch {p['micro_batch']}, predicted peak "
         + (f"{p['predicted_peak_gb']:.2f} GiB" if p["predicted_peak_gb"] else "n/a"),
         f"  config micro-batch {p['config_micro_batch']}: predicted peak "
         f"{p['predicted_peak_gb_at_config_micro_batch']:.2f} GiB, {fits}; activation checkpointing "
