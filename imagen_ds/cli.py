@@ -259,9 +259,10 @@ def export(checkpoint, out, ema):
 @click.option("--peak-tflops", type=float, default=None, help="Device peak for MFU (default: by GPU name).")
 @click.option("--gpu-mem-cap", type=float, default=None, help="Cap this process's GPU memory (GiB).")
 @click.option("--no-bare", is_flag=True, help="Skip the bare PyTorch baseline.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU intra-op threads (default: torch's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def benchmark_throughput(model_name, micro_batch, steps, warmup, ds_config, use_compile, peak_tflops,
-                         gpu_mem_cap, no_bare, as_json):
+                         gpu_mem_cap, no_bare, threads, as_json):
     """Training samples/s, TFLOP/s, MFU and peak memory of the real engine, vs a bare PyTorch loop."""
     import contextlib
 
@@ -269,7 +270,8 @@ def benchmark_throughput(model_name, micro_batch, steps, warmup, ds_config, use_
 
     with stdout_to_stderr() if as_json else contextlib.nullcontext():
         report = benchmark(model_name, micro_batch=micro_batch, steps=steps, warmup=warmup, ds_config=ds_config,
-                           compile=use_compile, peak_tflops=peak_tflops, gpu_mem_cap=gpu_mem_cap, bare=not no_bare)
+                           compile=use_compile, peak_tflops=peak_tflops, gpu_mem_cap=gpu_mem_cap, bare=not no_bare,
+                           threads=threads)
     _print_json(report) if as_json else click.echo(format_report(report))
 
 

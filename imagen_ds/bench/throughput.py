@@ -168,7 +168,8 @@ def _free_device_memory(device: torch.device) -> None:
 
 def benchmark(model: str | ImagenConfig, *, micro_batch: Optional[int] = None, steps: int = 10, warmup: int = 3,
               ds_config: Optional[str] = None, compile: bool = False, peak_tflops: Optional[float] = None,
-              gpu_mem_cap: Optional[float] = None, bare: bool = True, seed: int = 0) -> dict:
+              gpu_mem_cap: Optional[float] = None, bare: bool = True, seed: int = 0,
+              threads: Optional[int] = None) -> dict:
     """Time `steps` engine steps (and as many bare steps) after `warmup` of each; returns the report dict."""
     from imagen_ds.diffusion import build_diffusion
     from imagen_ds.training.dist_env import init_distributed, setup_env
@@ -180,6 +181,8 @@ def benchmark(model: str | ImagenConfig, *, micro_batch: Optional[int] = None, s
 
         raise ConfigError("--steps", str(steps), "needs at least 1 timed step")
     cfg = load_config(model) if isinstance(model, str) else model
+    if threads:
+        torch.set_num_threads(threads)  # a shared CPU: more threads than free cores stall at every barrier
     env = setup_env()
     init_distributed(env)
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -266,7 +269,8 @@ def benchmark(model: str | ImagenConfig, *, micro_batch: Optional[int] = None, s
         "precision": cfg.training.precision, "zero_stage": cfg.training.zero_stage,
         "optimizer": optimizer_name,
         "attention_kernels": kernels, "checkpoint_activations": cfg.model.checkpoint_activations,
-        "compile": compile, "ds_config": ds_config or "default",
+        "compile": compile, "ds_config": ds_config if isinstance(ds_config, str) else ("custom" if ds_config else "default"),
+        "cpu_threads": torch.get_num_threads(),
         "bare": None, "overhead_vs_bare": None,
         "versions": {"torch": torch.__version__, "deepspeed": _version("deepspeed"),
                      "cuda": torch.version.cuda},
