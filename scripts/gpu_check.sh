@@ -7,6 +7,7 @@
 #   here (with PyPI):   scripts/fetch_gpu_wheels.sh          # deepspeed & co. into .whl/
 #   on the GPU machine: scripts/gpu_check.sh                 # carry .whl; installs it into /tmp/site
 #   anywhere, no GPU:   scripts/gpu_check.sh --cpu           # same path, tiny_res_32 on the CPU
+#   GPU_CHECK_MODELS="a b" overrides the model list (either mode)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -28,13 +29,13 @@ if [[ $MODE == gpu ]]; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
   # the 2B model first: it is the issue's goal, and it pays the one-off optimizer-kernel build
-  MODELS="2b_res_64 500m_res_64 600m_res_256 400m_res_256 600m_res_1024"
+  MODELS="${GPU_CHECK_MODELS:-2b_res_64 500m_res_64 600m_res_256 400m_res_256 600m_res_1024}"
   STEPS=5 WARMUP=2 CAP=80 DEADLINE=450
   BENCH_ARGS=(--gpu-mem-cap "$CAP")
 else
   PY="${PYTHON:-$ROOT/.venv/bin/python}"
   export DS_ACCELERATOR=cpu
-  MODELS="tiny_res_32"
+  MODELS="${GPU_CHECK_MODELS:-tiny_res_32}"
   STEPS=2 WARMUP=1 CAP="" DEADLINE=600
   BENCH_ARGS=()
 fi
@@ -48,16 +49,28 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.torch_extensions}"
   "$PY" -c 'import sys, torch, deepspeed; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "deepspeed", deepspeed.__version__)'
 } >>"$LOG" 2>&1 || { echo "environment check failed:"; tail -30 "$LOG"; exit 1; }
 
-# run CMD with what is left of the deadline (at most LIMIT s); its stdout to FILE, stderr to the log
+# run CMD with what is left of the deadline (at most LIMIT s); its stdout to FILE, stderr to the log;
+# on failure FILE gets {"error": last stderr line} (e.g. the OutOfMemoryError) for the table
 run_limited() {
   local limit=$1 file=$2; shift 2
-  local left=$((DEADLINE - SECONDS))
-  if ((left < 20)); then echo "skipped (time): $*" >>"$LOG"; return 1; fi
+  local left=$((DEADLINE - SECONDS)) rc
+  if ((left < 20)); then
+    echo "skipped (time): $*" >>"$LOG"
+    "$PY" -c 'import json, sys; print(json.dumps({"error": sys.argv[1]}))' "skipped: 450 s deadline" >"$file"
+    return 1
+  fi
   ((limit > left)) && limit=$left
   echo "-- [$SECONDS s] $*" >>"$LOG"
-  timeout "$limit" "$@" >"$file" 2>>"$LOG"
-  local rc=$?
-  ((rc != 0)) && echo "-- rc=$rc after $SECONDS s: $*" >>"$LOG"
+  timeout "$limit" "$@" >"$file" 2>"$file.err"
+  rc=$?
+  cat "$file.err" >>"$LOG"
+  if ((rc != 0)); then
+    echo "-- rc=$rc after $SECONDS s: $*" >>"$LOG"
+    local why
+    why=$(grep -v '^[[:space:]]*$' "$file.err" | grep -v USDT | tail -1 | cut -c1-300)
+    ((rc == 124)) && why="timed out after ${limit} s"
+    "$PY" -c 'import json, sys; print(json.dumps({"error": sys.argv[1]}))' "${why:-rc $rc}" >"$file"
+  fi
   return $rc
 }
 

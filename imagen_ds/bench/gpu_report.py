@@ -23,9 +23,12 @@ def _read(path: Path) -> tuple[Optional[dict], Optional[str]]:
         return None, f"{path.name} missing"
     text = path.read_text().strip()
     try:
-        return json.loads(text), None
+        obj = json.loads(text)
     except json.JSONDecodeError:
         return None, f"{path.name} is not JSON ({len(text)} bytes)"
+    if isinstance(obj, dict) and set(obj) == {"error"}:  # gpu_check.sh's note of a failed command
+        return None, obj["error"]
+    return obj, None
 
 
 def model_row(name: str, bench: Optional[dict], plan: Optional[dict]) -> dict:
@@ -98,7 +101,7 @@ def collect(work: Path, models: list[str], cap_gib: Optional[float], steps: Opti
         bench, berr = _read(work / f"bench_{m}.json")
         plan, perr = _read(work / f"plan_{m}.json")
         row = model_row(m, bench, plan)
-        errors = [e for e in (berr, perr) if e]
+        errors = list(dict.fromkeys(e for e in (berr, perr) if e))  # once when both failed alike
         if errors:
             row["error"] = "; ".join(errors)
         rows.append(row)

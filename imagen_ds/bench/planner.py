@@ -25,6 +25,7 @@ import math
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from imagen_ds.bench.memory import GB, model_state_bytes
 from imagen_ds.bench.peak_memory import StorageLedger, measure_peak_bytes
@@ -71,7 +72,7 @@ def follow_cuda_autocast_norms(net: torch.nn.Module) -> None:
         m.forward = forward
 
 
-class _ReadScalarsAsOne(torch.utils._python_dispatch.TorchDispatchMode):
+class _ReadScalarsAsOne(TorchDispatchMode):
     """Fake tensors hold no values: a host read (`bool(mask.all())`) answers True / 1 here."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
