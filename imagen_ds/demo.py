@@ -236,27 +236,31 @@ def _to_pil(img: torch.Tensor):
 
 
 def save_grid(path: Path, rows: list[tuple[list[torch.Tensor], list[str], list[Optional[bool]]]],
-              title: str) -> None:
+              title: list[str]) -> None:
     """Rows of images, each with its caption written under it (green: the checker agrees)."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=11)
     cols = max(len(r[0]) for r in rows)
     side = max(img.shape[-1] for r in rows for img in r[0]) * CELL
-    text_h, pad, head = 30, 6, 26
-    w = cols * (side + pad) + pad
+    text_h, pad, line = 30, 6, 14
+    head = pad + line * len(title) + pad
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_w = max(probe.textbbox((0, 0), t, font=font)[2] for t in title)
+    w = max(cols * (side + pad) + pad, title_w + 2 * pad)
     h = head + len(rows) * (side + text_h + pad) + pad
     grid = Image.new("RGB", (w, h), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    draw.text((pad, 6), title, fill=(0, 0, 0), font=font)
+    for k, t in enumerate(title):
+        draw.text((pad, pad + line * k), t, fill=(0, 0, 0), font=font)
     for i, (images, captions, verdicts) in enumerate(rows):
         y = head + i * (side + text_h + pad)
         for j, (img, cap, ok) in enumerate(zip(images, captions, verdicts)):
             x = pad + j * (side + pad)
             grid.paste(_to_pil(img).resize((side, side), Image.Resampling.NEAREST), (x, y))
             color = (0, 0, 0) if ok is None else ((0, 130, 0) if ok else (200, 0, 0))
-            for k, line in enumerate(_two_lines(cap)):
-                draw.text((x, y + side + 2 + 13 * k), line, fill=color, font=font)
+            for k, text in enumerate(_two_lines(cap)):
+                draw.text((x, y + side + 2 + 13 * k), text, fill=color, font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
 
@@ -348,7 +352,7 @@ def run_demo(out: str | Path = "demo_out", *, minutes: Optional[float] = 8.0, st
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
-    shown = min(per_caption, 6)
+    shown = min(per_caption, 5)
     rows = []
     for i, c in enumerate(heldout):
         idx = list(range(i * per_caption, i * per_caption + shown))
@@ -356,9 +360,9 @@ def run_demo(out: str | Path = "demo_out", *, minutes: Optional[float] = 8.0, st
                      [scores["results"][k]["color_ok"] and scores["results"][k]["shape_ok"] for k in idx]))
     dropped = [k * per_caption for k in range(min(len(heldout), shown))]  # one per caption's noise
     rows.append(([uncond[k] for k in dropped], ["(text dropped)"] * len(dropped), [None] * len(dropped)))
-    title = (f"held-out captions, {summary['steps']} steps / {summary['train_minutes']:.1f} min on CPU: "
-             f"colour {summary['color_accuracy']:.2f}, shape {summary['shape_accuracy']:.2f} "
-             f"(text dropped: colour {summary['uncond_color_accuracy']:.2f})")
+    title = [f"{cfg.name}: {summary['steps']} steps, {summary['train_minutes']:.1f} min on CPU. Captions never seen in training.",
+             f"colour accuracy {summary['color_accuracy']:.2f}, shape {summary['shape_accuracy']:.2f}; "
+             f"text dropped: colour {summary['uncond_color_accuracy']:.2f}. Green: checker agrees."]
     grid_path = out / "grid.png"
     save_grid(grid_path, rows, title)
     if docs_png is not None and Path(docs_png).parent.is_dir():
