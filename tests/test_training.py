@@ -298,6 +298,25 @@ def test_rank_and_rendezvous_come_from_each_launcher():
     assert {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} <= set(single)
 
 
+def test_a_one_process_job_does_not_reuse_a_port_its_parent_still_holds():
+    import socket
+
+    from imagen_ds.training.dist_env import setup_env
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        busy = str(held.getsockname()[1])
+        # what a child of a process that already ran setup_env() inherits
+        inherited = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": busy}
+        setup_env(environ=inherited)
+        assert inherited["MASTER_PORT"] != busy
+        # a multi-process job must keep the port every rank agreed on
+        multi = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": busy}
+        setup_env(environ=multi)
+        assert multi["MASTER_PORT"] == busy
+
+
 def test_train_script_runs_as_a_file_and_as_a_module_with_the_launcher_flag():
     import subprocess
     import sys

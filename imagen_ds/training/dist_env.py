@@ -42,6 +42,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def setup_env(local_rank_arg: int | None = None, environ: dict | None = None) -> DistEnv:
     """Fill RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT from the launcher's variables.
 
@@ -70,6 +79,11 @@ def setup_env(local_rank_arg: int | None = None, environ: dict | None = None) ->
         env.setdefault("MASTER_PORT", str(free_port()))
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
+    # A one-process job is its own rendezvous, so a busy port (one inherited from a parent
+    # process that still holds it) can be swapped for a free one without telling anyone.
+    if env["WORLD_SIZE"] == "1" and env["MASTER_ADDR"] in ("127.0.0.1", "localhost") \
+            and not port_is_free(int(env["MASTER_PORT"])):
+        env["MASTER_PORT"] = str(free_port())
     return DistEnv(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]), launcher)
 
 
