@@ -44,3 +44,17 @@ def test_unknown_encoder_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown encoder"):
         load_encoder("t5-nonexistent")
     assert expected_dim("t5-11b") == 1024 and expected_dim("t5-v1_1-xxl") == expected_dim("t5-xxl") == 4096
+
+
+def test_tiny_random_tells_which_word_a_colour_belongs_to():
+    # the demo's captions swap colours between shape and background; a byte's state must depend
+    # on its neighbours (as in a trained T5) or the two captions read the same
+    enc = load_encoder("t5-tiny-random")
+    caps = ["a blue circle on a white background", "a white circle on a blue background"]
+    emb, _ = enc.encode(caps, 64)
+    same_word = torch.nn.functional.cosine_similarity(emb[0, caps[0].index("blue")],
+                                                      emb[1, caps[1].index("blue")], dim=0)
+    other_word = torch.nn.functional.cosine_similarity(emb[0, caps[0].index("blue")],
+                                                       emb[0, caps[0].index("white")], dim=0)
+    assert same_word < 0.95  # the default random T5 init gives 0.999 here
+    assert other_word < same_word  # a different letter is still further away than a moved one
