@@ -106,7 +106,7 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    sampler: str = "heun"            # edm: "heun" | "stochastic"; ddpm: "ancestral" | "ddim"
+    sampler: str = "heun"            # "heun" | "stochastic" (EDM's) | "ancestral" | "ddim"; any scheme
     steps: int = 30
     guidance: float = 7.5
     threshold: str = "dynamic"       # "dynamic" | "static" | "none"
@@ -354,8 +354,8 @@ def validate(cfg: ImagenConfig) -> None:
     _check(0.0 <= d.noise_aug.train_max_level <= 1.0, cfg, "diffusion.noise_aug.train_max_level", "expected [0, 1]")
     _check(0.0 <= d.noise_aug.sample_level <= 1.0, cfg, "diffusion.noise_aug.sample_level", "expected [0, 1]")
 
-    samplers = {"edm": ("heun", "stochastic"), "ddpm": ("ancestral", "ddim")}[d.scheme]
-    _one_of(cfg, "sampling.sampler", s.sampler, samplers)
+    # every sampler runs on either scheme (both are sampled in the EDM sigma parametrisation)
+    _one_of(cfg, "sampling.sampler", s.sampler, ("heun", "stochastic", "ancestral", "ddim"))
     _check(s.steps >= 1, cfg, "sampling.steps", "must be >= 1")
     _one_of(cfg, "sampling.threshold", s.threshold, ("dynamic", "static", "none"))
     _check(0.5 <= s.threshold_percentile <= 1.0, cfg, "sampling.threshold_percentile",

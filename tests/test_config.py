@@ -90,3 +90,19 @@ def test_efficient_unet_attention_sides_follow_its_down_sample_first_levels():
     assert cfg.replace(model={"attention_resolutions": (64, 16)}).model.attention_resolutions == (64, 16)
     with pytest.raises(ConfigError, match="levels run at 64, 32, 16"):
         cfg.replace(model={"attention_resolutions": (128,)})
+
+
+def test_any_sampler_goes_with_either_scheme_and_a_wrong_name_is_one_line(tmp_path):
+    def to_ddpm(raw):
+        raw["diffusion"]["scheme"] = "ddpm"
+        raw.setdefault("sampling", {})["sampler"] = "heun"
+
+    assert load_config(str(write_variant(tmp_path, "tiny_res_32", to_ddpm))).sampling.sampler == "heun"
+    for name in ("heun", "stochastic", "ancestral", "ddim"):
+        assert load_config("tiny_res_32").replace(sampling={"sampler": name}).sampling.sampler == name
+
+    def typo(raw):
+        raw.setdefault("sampling", {})["sampler"] = "heunn"
+
+    with pytest.raises(ConfigError, match=r"sampling\.sampler.*heun, stochastic, ancestral, ddim"):
+        load_config(str(write_variant(tmp_path, "tiny_res_32", typo)))

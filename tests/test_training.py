@@ -275,6 +275,23 @@ def test_non_finite_losses_are_skipped_and_too_many_in_a_row_stop_the_run(shards
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
+def test_a_corrupt_sample_is_skipped_counted_in_the_metrics_and_training_goes_on(shards, tmp_path):
+    from imagen_ds.data.shards import iter_tar_samples, write_tar
+    from imagen_ds.training import run
+
+    samples = [{k: v for k, v in s.items() if k != "__url__"} for s in iter_tar_samples(str(shards / "000000.tar"))]
+    samples[3]["png"] = b"\x89PNG this is not an image"
+    (tmp_path / "data").mkdir()
+    write_tar(tmp_path / "data" / "000000.tar", samples)
+    cfg = load_config(fast_config(tmp_path / "f.yaml"))
+    s = run(cfg, str(tmp_path / "data"), tmp_path / "run", steps=3, save_every=100)
+    m = metrics(tmp_path / "run")
+    assert s["step"] == 3 and all(math.isfinite(x["loss"]) for x in m)
+    # 3 steps x 8 samples read the 12-sample shard twice: the bad one is met (and skipped) each time
+    assert m[-1]["data_skipped"] == m[-1]["data_skipped/corrupt_image"] >= 1
+    assert m[-1]["data_seen"] >= 24
+
+
 # --------------------------------------------------------------------------- launchers
 
 

@@ -81,15 +81,26 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
 
 def _make_batches(data, cfg: ImagenConfig, *, rank: int, world: int, seed: int, skip: int):
     """Shards (dir / glob / brace pattern / list of .tar) -> the data loader; a callable taking
-    the loader's keyword arguments -> its result; any other iterable of batch dicts -> itself."""
+    the loader's keyword arguments -> its result; any other iterable of batch dicts -> itself.
+
+    Returns (batch iterator, the object that counts skipped samples or None)."""
     kw = dict(micro_batch=cfg.training.micro_batch, rank=rank, world_size=world, seed=seed, skip_batches=skip)
     if isinstance(data, (str, Path)) or (isinstance(data, (list, tuple)) and data and isinstance(data[0], (str, Path))):
         from imagen_ds.data import make_train_loader
 
-        return iter(make_train_loader(cfg, data, **kw))
-    if callable(data):
-        return iter(data(**kw))
-    return iter(data)
+        loader = make_train_loader(cfg, data, **kw)
+        return iter(loader), loader
+    source = data(**kw) if callable(data) else data
+    return iter(source), (source if hasattr(source, "skipped") else None)
+
+
+def _data_counts(loader) -> dict:
+    """This rank's loader counts for the metrics: samples read, and skipped (bad) ones by reason."""
+    if loader is None:
+        return {}
+    skipped = loader.skipped
+    return {"data_seen": loader.seen, "data_skipped": sum(skipped.values()),
+            **{f"data_skipped/{reason}": n for reason, n in sorted(skipped.items())}}
 
 
 def flops_per_sample(cfg: ImagenConfig) -> float | None:
@@ -156,7 +167,7 @@ def train(cfg: ImagenConfig, data: Any, out: str | Path, *, steps: int | None = 
     # the loader position: exact on the same world size, else restart the stream past the seen samples
     data_seed = seed if same_world else seed + state.step
     skip = state.micro_batches if same_world else 0
-    batches = _make_batches(data, cfg, rank=rank, world=world, seed=data_seed, skip=skip)
+    batches, loader = _make_batches(data, cfg, rank=rank, world=world, seed=data_seed, skip=skip)
     if not same_world:
         state.micro_batches = 0
 
@@ -219,6 +230,7 @@ def train(cfg: ImagenConfig, data: Any, out: str | Path, *, steps: int | None = 
                     "samples_per_s": n_steps * tr.global_batch / elapsed,
                     "step_time": elapsed / n_steps, "data_wait": wait_acc / n_steps,
                     "peak_mem_gb": peak_memory_gb(device), "skipped_steps": state.skipped_steps,
+                    **_data_counts(loader),
                 }
                 if flops:
                     metrics["tflops"] = flops * metrics["samples_per_s"] / world / 1e12  # per rank
