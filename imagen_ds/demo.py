@@ -69,20 +69,37 @@ def machine() -> str:
 # --------------------------------------------------------------------------- 1. data
 
 
+def encoder_fingerprint(cfg: ImagenConfig) -> str:
+    """A digest of what the encoder makes of one caption: precached embeddings from another
+    version of the encoder (same name, other weights) must not be reused."""
+    import hashlib
+
+    from imagen_ds.text import load_encoder
+
+    emb, _ = load_encoder(cfg.text.encoder).encode(["a red circle on a blue background"], cfg.text.max_tokens)
+    return hashlib.sha256(emb.to(torch.bfloat16).float().numpy().tobytes()).hexdigest()[:16]
+
+
 def make_data(cfg: ImagenConfig, out: Path, n: int, seed: int) -> dict:
     """Shards with precached embeddings in OUT/data; reused when a previous run made the same ones."""
     from imagen_ds.data.synthetic import make_demo_data
 
     info_path = out / "heldout.json"
-    want = {"n": n, "seed": seed, "size": cfg.model.resolution, "encoder": cfg.text.encoder}
+    want = {"n": n, "seed": seed, "size": cfg.model.resolution, "encoder": cfg.text.encoder,
+            "encoder_fingerprint": encoder_fingerprint(cfg)}
     if info_path.is_file():
         info = json.loads(info_path.read_text())
         if all(info.get(k) == v for k, v in want.items()) and list(out.glob("*.tar")):
             print(f"[1/4] data: reusing {n} images in {out}")
             return info
+    for stale in out.glob("*.tar"):  # shards of another size/seed/encoder must not join the new ones
+        stale.unlink()
     print(f"[1/4] data: drawing {n} captioned images, embedding captions with {cfg.text.encoder}")
-    return make_demo_data(out, n, seed=seed, size=cfg.model.resolution, encoder=cfg.text.encoder,
+    info = make_demo_data(out, n, seed=seed, size=cfg.model.resolution, encoder=cfg.text.encoder,
                           max_tokens=cfg.text.max_tokens, shard_size=max(1, min(n, 2000)), progress=True)
+    info["encoder_fingerprint"] = want["encoder_fingerprint"]
+    info_path.write_text(json.dumps(info, indent=2))
+    return info
 
 
 # --------------------------------------------------------------------------- 2. train

@@ -44,3 +44,22 @@ def test_demo_pipeline_writes_summary_grid_and_a_usable_checkpoint(tmp_path):
 
     net, cfg = load_for_inference(out / "run")
     assert cfg.name == "demo_res_32" and not net.training
+
+
+def test_demo_data_is_reused_only_when_it_matches_and_stale_shards_go(tmp_path, capsys):
+    from imagen_ds.config import load_config
+    from imagen_ds.demo import make_data
+
+    cfg = load_config("demo_res_32")
+    out = tmp_path / "data"
+    make_data(cfg, out, 30, seed=0)
+    assert "drawing 30" in capsys.readouterr().out
+    make_data(cfg, out, 30, seed=0)
+    assert "reusing 30" in capsys.readouterr().out
+    # embeddings from another version of the encoder (same name): redrawn, not trusted
+    info = json.loads((out / "heldout.json").read_text())
+    (out / "heldout.json").write_text(json.dumps({**info, "encoder_fingerprint": "other"}))
+    (out / "000007.tar").write_bytes(b"a shard from an earlier, bigger run")
+    make_data(cfg, out, 30, seed=0)
+    assert "drawing 30" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.tar")) == ["000000.tar"]

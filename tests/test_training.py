@@ -49,6 +49,27 @@ def test_batch_fields_multiply_to_the_global_batch_or_one_clear_error():
     assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 1.0
 
 
+def test_one_fp32_rank_runs_without_zero_and_the_guard_clips_and_skips():
+    from imagen_ds.training.ds_config import build_ds_config
+    from imagen_ds.training.optim import NonFiniteGuard
+
+    cfg = load_config("tiny_res_32")  # fp32, ZeRO-2 in its YAML
+    assert build_ds_config(cfg, world_size=1)[1].training.zero_stage == 0   # nothing to partition
+    assert build_ds_config(cfg, world_size=2)[1].training.zero_stage == 2
+    bf16 = cfg.replace(training={"precision": "bf16"})
+    assert build_ds_config(bf16, world_size=1)[1].training.zero_stage == 2  # ZeRO gives bf16 its fp32 masters
+    assert build_ds_config(cfg, 1, "zero2_fp32")[1].training.zero_stage == 2  # a named JSON is obeyed
+
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = NonFiniteGuard(torch.optim.SGD([w], lr=1.0), max_norm=1.0)
+    w.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])  # norm 5 -> clipped to 1
+    opt.step()
+    assert not opt.overflow and torch.allclose(w.detach(), torch.tensor([-0.6, -0.8, 0.0, 0.0]))
+    w.grad = torch.tensor([float("nan"), 1.0, 0.0, 0.0])
+    opt.step()
+    assert opt.overflow and w.grad is None and torch.allclose(w.detach(), torch.tensor([-0.6, -0.8, 0.0, 0.0]))
+
+
 def test_cli_train_reports_a_bad_batch_in_one_line(tmp_path):
     from imagen_ds.cli import main
 
@@ -120,9 +141,11 @@ def test_ema_moves_once_per_optimizer_step_with_the_updated_weights():
     assert moved > 0  # the average lags the weights
 
 
-def test_bf16_gradients_accumulate_in_fp32():
+@pytest.mark.parametrize("ds_config", ["zero2_bf16", None])
+def test_bf16_gradients_accumulate_in_fp32(ds_config):
     """The gradient DeepSpeed holds after 4 bf16 micro-batches is the fp32 sum of their bf16
-    gradients; summing them in bf16 instead would be off by ~1e-3."""
+    gradients; summing them in bf16 instead would be off by ~1e-3. With ZeRO-2 named explicitly
+    and with the default on one rank (which keeps ZeRO for bf16: see single_rank_stage)."""
     import copy
 
     from deepspeed.utils import safe_get_full_grad
@@ -130,8 +153,9 @@ def test_bf16_gradients_accumulate_in_fp32():
     from imagen_ds.diffusion import build_diffusion
     from imagen_ds.training.engine import autocast_for
 
-    cfg = load_config("tiny_res_32").replace(training={"micro_batch": 2, "global_batch": 8})
-    built = _engine(cfg, "zero2_bf16")
+    cfg = load_config("tiny_res_32").replace(training={"micro_batch": 2, "global_batch": 8, "precision": "bf16"})
+    built = _engine(cfg, ds_config)
+    assert built.cfg.training.zero_stage == 2
     engine, diffusion = built.engine, build_diffusion(cfg)
     assert built.accumulation == 4 and next(engine.module.parameters()).dtype == torch.bfloat16
     ref = copy.deepcopy(engine.module)  # the same bf16 network, plain autograd

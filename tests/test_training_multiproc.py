@@ -121,6 +121,23 @@ def test_resume_on_a_different_number_of_ranks(setup, two_ranks):
     assert 0 < drift < 0.1  # two small steps from the restored weights, not from a fresh init
 
 
+def test_a_one_rank_run_without_zero_resumes_on_two_ranks_with_zero2(setup):
+    # one rank trains without ZeRO (nothing to partition); two ranks go back to the config's ZeRO-2
+    out = setup["root"] / "one_then_two"
+    r = cli("train", "--model", str(setup["cfg"]), "--data", str(setup["shards"]), "--out", str(out),
+            "--steps", "4", "--seed", "1")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 0
+    r = cli("train", "--model", str(setup["cfg"]), "--data", str(setup["shards"]), "--out", str(out),
+            "--steps", "6", "--nproc", "2", "--seed", "1", "--resume")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "saved by 1 ranks on 2 ranks" in r.stdout + r.stderr
+    m = metrics(out)
+    assert [x["step"] for x in m] == list(range(1, 7)) and all(math.isfinite(x["loss"]) for x in m)
+    tag_dir = out / "checkpoints" / "step_00000006"
+    assert len(list(tag_dir.glob("*zero_pp_rank_*optim_states.pt"))) == 2
+
+
 def test_two_ranks_equal_one_rank_accumulating_both_micro_batches(setup, tmp_path):
     """Rank r of 2 with micro-batch m vs 1 rank with 2 x m accumulated: same samples, same noise."""
     cfg = fast_config(tmp_path / "eq.yaml", micro_batch=2, global_batch=4)

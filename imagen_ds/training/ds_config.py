@@ -29,6 +29,21 @@ def grad_accumulation(global_batch: int, micro_batch: int, world_size: int, sour
     return global_batch // per_step
 
 
+def single_rank_stage(precision: str, zero_stage: int, world_size: int) -> int:
+    """The ZeRO stage the default config runs: an fp32 run on one rank has nothing to partition.
+
+    ZeRO-2's per-parameter gradient hooks and partitioned step cost ~20% of a small model's step
+    on one rank (docs/performance.md), so one fp32 rank runs without ZeRO (stage 0, with
+    `optim.NonFiniteGuard` doing the clip and the non-finite skip ZeRO did). bf16 keeps its
+    stage: ZeRO is what gives DeepSpeed's bf16 fp32 master weights and fp32 gradient
+    accumulation (its stage-0 BF16 optimizer sums micro-batches in bf16). A run resumed on more
+    ranks goes back to the config's stage (checkpoint.load reads either).
+    """
+    if world_size == 1 and precision == "fp32" and zero_stage in (1, 2):
+        return 0
+    return zero_stage
+
+
 def default_ds_config_name(cfg: ImagenConfig) -> str:
     return "zero2_bf16" if cfg.training.precision == "bf16" else "zero2_fp32"
 
@@ -73,6 +88,9 @@ def build_ds_config(cfg: ImagenConfig, world_size: int, ds_config: str | Path | 
         ds["bf16"] = {**ds.get("bf16", {}), "enabled": tr.precision == "bf16"}
         zero["stage"] = tr.zero_stage
         ds["gradient_clipping"] = tr.grad_clip
+        stage = single_rank_stage(tr.precision, tr.zero_stage, world_size)
+        if stage != tr.zero_stage:
+            cfg = cfg.replace(training={"zero_stage": stage})
     zero["stage"] = cfg.training.zero_stage
     ds["gradient_clipping"] = cfg.training.grad_clip
     if cfg.training.precision == "bf16" and cfg.training.zero_stage >= 1:

@@ -16,7 +16,7 @@ import torch
 
 from imagen_ds.config import ImagenConfig
 from imagen_ds.training.ds_config import build_ds_config
-from imagen_ds.training.optim import make_optimizer, make_scheduler
+from imagen_ds.training.optim import NonFiniteGuard, make_optimizer, make_scheduler
 
 log = logging.getLogger("imagen_ds.training")
 
@@ -64,11 +64,19 @@ def build_engine(cfg: ImagenConfig, *, ds_config: str | Path | dict | None = Non
     optimizer, scheduler, opt_name = None, None, "DeepSpeed optimizer block"
     if "optimizer" not in ds:
         optimizer, opt_name = make_optimizer(model.parameters(), cfg.training)
+        if cfg.training.zero_stage == 0 and cfg.training.precision == "fp32":
+            # no ZeRO / BF16 optimizer to skip non-finite steps: the guard skips them and clips
+            # (DeepSpeed's own clip would compute the same norm a second time)
+            optimizer = NonFiniteGuard(optimizer, cfg.training.grad_clip)
+            ds["gradient_clipping"] = 0.0
+            opt_name += " (clip + skip non-finite)"
         if "scheduler" not in ds:
             scheduler = make_scheduler(optimizer, cfg.training, steps or total_steps(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            model_parameters=None if optimizer else model.parameters(),
                                            config=ds)
+    if world == 1 and cfg.training.zero_stage == 0:
+        engine.enable_backward_allreduce = False  # an all-reduce over one rank only copies buffers
     accum = engine.gradient_accumulation_steps()
     if dist.get_rank() == 0:
         log.info("engine: ZeRO-%d %s, optimizer %s, micro %d x accumulation %d x world %d = %d",
