@@ -304,7 +304,7 @@ def plan(model_name, gpus, gpu_mem, zero_stage, measure_on, as_json):
 @click.option("--guidance", default="1,2,4,6", show_default=True, help="Comma-separated guidance weights.")
 @click.option("--num-samples", type=int, default=None, help="Images per point (default: one per prompt).")
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: each config's).")
-@click.option("--sampler", default=None, help="heun | stochastic (EDM), ancestral | ddim (DDPM).")
+@click.option("--sampler", default=None, help="heun | stochastic | ancestral | ddim (any works with either scheme).")
 @click.option("--out", default="eval_out", show_default=True)
 @click.option("--inception-weights", default=None,
               help="torch-fidelity's pt_inception-2015-12-05 .pth, or 'tiny-random' (offline mechanics check).")

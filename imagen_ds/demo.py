@@ -105,6 +105,43 @@ def make_data(cfg: ImagenConfig, out: Path, n: int, seed: int) -> dict:
 # --------------------------------------------------------------------------- 2. train
 
 
+class StepBudget:
+    """How many optimizer steps a run will get: fixed `steps`, or what `minutes` of wall time
+    allow at the pace measured so far (whichever is fewer).
+
+    The learning-rate schedule reads `total()` at every step, so a cosine decay ends when the
+    time runs out on any machine instead of at a guessed step count.
+    """
+
+    def __init__(self, steps: Optional[int], minutes: Optional[float], start: float):
+        self.steps, self.budget_s, self.start = steps, None if minutes is None else minutes * 60.0, start
+        self.pace: Optional[float] = None  # seconds per step, measured
+        self._fallback = steps or 100_000
+
+    def observe(self, step: int, now: float) -> None:
+        if step >= 10:  # the first steps include one-off start-up costs
+            self.pace = (now - self.start) / step
+
+    def total(self) -> int:
+        if self.budget_s is None or self.pace is None:
+            return self._fallback
+        by_time = int(self.budget_s / self.pace)
+        return max(1, min(by_time, self.steps) if self.steps else by_time)
+
+    def done(self, step: int, now: float) -> bool:
+        return (self.steps is not None and step >= self.steps) or \
+            (self.budget_s is not None and now - self.start >= self.budget_s)
+
+
+def follow_budget(engine, tr, budget: StepBudget) -> None:
+    """Make the engine's lr schedule span budget.total() steps (re-read at every step)."""
+    from imagen_ds.training.optim import lr_factor
+
+    sched = engine.lr_scheduler
+    sched.lr_lambdas = [lambda step: lr_factor(step, tr.warmup_steps, tr.lr_schedule, budget.total())
+                        for _ in sched.lr_lambdas]
+
+
 def train(cfg: ImagenConfig, shards: Path, run_dir: Path, *, minutes: Optional[float], steps: Optional[int],
           seed: int) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
     """Train until `minutes` of wall time or `steps` optimizer steps, whichever comes first.
@@ -129,11 +166,9 @@ def train(cfg: ImagenConfig, shards: Path, run_dir: Path, *, minutes: Optional[f
     _quiet_deepspeed()
     tr = cfg.training
     budget_s = None if minutes is None else minutes * 60.0
-    # the schedule spans --steps, or a generous guess for a time budget (constant lr after warm-up)
-    span = steps if steps is not None else max(tr.warmup_steps + 1, 100_000)
 
     ckpt.seed_everything(seed)
-    built = build_engine(cfg, steps=span, seed=seed)
+    built = build_engine(cfg, steps=steps or 100_000, seed=seed)
     cfg, engine = built.cfg, built.engine
     ema = EMA(engine.module, tr.ema_decay, tr.ema_warmup)
     write_run_info(run_dir, cfg, built.ds_config, seed=seed, world_size=env.world_size, launcher=env.launcher,
@@ -145,15 +180,20 @@ def train(cfg: ImagenConfig, shards: Path, run_dir: Path, *, minutes: Optional[f
 
     metrics_path = run_dir / "metrics.jsonl"
     metrics_path.write_text("")
-    step, loss_acc, n_acc, last_loss = 0, 0.0, 0, float("nan")
+    step, loss_acc, n_acc, last_loss, skipped = 0, 0.0, 0, float("nan"), 0
     bar = tqdm(total=steps if steps is not None else int(budget_s), unit="step" if steps is not None else "s",
                desc="train", dynamic_ncols=True)
     t0 = time.perf_counter()
+    budget = StepBudget(steps, minutes, t0)
+    follow_budget(engine, tr, budget)  # the lr decays over the steps the budget will allow
     while True:
         res = train_step(built, diffusion, batches)
         step += 1
+        budget.observe(step, time.perf_counter())
         if res.applied:
             ema.update(engine.module)
+        else:
+            skipped += 1
         loss_acc += float(res.loss)
         n_acc += 1
         elapsed = time.perf_counter() - t0
@@ -166,7 +206,7 @@ def train(cfg: ImagenConfig, shards: Path, run_dir: Path, *, minutes: Optional[f
             loss_acc, n_acc = 0.0, 0
         bar.n = step if steps is not None else min(int(elapsed), int(budget_s))
         bar.refresh()
-        if (steps is not None and step >= steps) or (budget_s is not None and elapsed >= budget_s):
+        if budget.done(step, time.perf_counter()):
             break
     bar.close()
     train_s = time.perf_counter() - t0
@@ -174,7 +214,7 @@ def train(cfg: ImagenConfig, shards: Path, run_dir: Path, *, minutes: Optional[f
         last_loss = loss_acc / n_acc
 
     meta = {"step": step, "samples_seen": step * tr.global_batch, "micro_batches": step * built.accumulation,
-            "skipped_steps": 0, "bad_in_row": 0, "world_size": env.world_size, "seed": seed, "steps": step,
+            "skipped_steps": skipped, "bad_in_row": 0, "world_size": env.world_size, "seed": seed, "steps": step,
             "config": cfg.to_dict()}
     ckpt.save(engine, run_dir / "checkpoints", meta, ema, keep_last=1)
 

@@ -63,3 +63,33 @@ def test_demo_data_is_reused_only_when_it_matches_and_stale_shards_go(tmp_path, 
     make_data(cfg, out, 30, seed=0)
     assert "drawing 30" in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("*.tar")) == ["000000.tar"]
+
+
+def test_the_step_budget_follows_the_measured_pace_and_the_lr_decays_within_it():
+    import torch
+
+    from types import SimpleNamespace
+
+    from imagen_ds.config import load_config
+    from imagen_ds.demo import StepBudget, follow_budget
+
+    fixed = StepBudget(steps=300, minutes=None, start=0.0)
+    assert fixed.total() == 300 and not fixed.done(299, 1e9) and fixed.done(300, 0.0)
+    timed = StepBudget(steps=None, minutes=10, start=100.0)
+    timed.observe(5, 105.0)              # too early to trust
+    assert timed.total() == 100_000
+    timed.observe(50, 125.0)             # 0.5 s per step -> 600 s allow 1200 steps
+    assert timed.total() == 1200 and not timed.done(50, 125.0) and timed.done(51, 700.0)
+    both = StepBudget(steps=800, minutes=10, start=0.0)
+    both.observe(50, 25.0)
+    assert both.total() == 800           # whichever ends first
+    # a cosine schedule spanning the budget ends near zero when the time does
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    tr = load_config("demo_res_32").replace(training={"lr_schedule": "cosine", "warmup_steps": 10}).training
+    follow_budget(SimpleNamespace(lr_scheduler=sched), tr, timed)  # what the demo does to its engine
+    for _ in range(1199):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] < 1e-4

@@ -371,3 +371,21 @@ def test_train_script_runs_as_a_file_and_as_a_module_with_the_launcher_flag():
     assert r.returncode == 0 and "--resume" in r.stdout
     cmd = launch_command(2, ["--model", "m"], master_port=1234)
     assert cmd[1:5] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "2"] and cmd[-2:] == ["--model", "m"]
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_block_the_next_start(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from imagen_ds.training.dist_env import STALE_LOCK_S, clear_stale_extension_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "other_op").mkdir()
+    stale, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    stale.write_text("")
+    fresh.write_text("")
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(stale, (old, old))
+    assert clear_stale_extension_locks() == [str(stale)]
+    assert not stale.exists() and fresh.exists()  # a build in progress keeps its lock

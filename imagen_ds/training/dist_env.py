@@ -99,11 +99,42 @@ def default_accelerator() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+# Building DeepSpeed's CPU communication op takes ~40 s; a lock older than this was left by a
+# process killed mid-build, and every later start would wait on it forever.
+STALE_LOCK_S = 300.0
+
+
+def clear_stale_extension_locks(now: float | None = None) -> list[str]:
+    """Remove torch-extension build locks no live build can own (older than STALE_LOCK_S)."""
+    import glob
+    import time
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    now = time.time() if now is None else now
+    removed = []
+    for lock in glob.glob(os.path.join(root, "**", "lock"), recursive=True):
+        try:
+            if now - os.path.getmtime(lock) > STALE_LOCK_S:
+                os.remove(lock)
+                removed.append(lock)
+        except OSError:
+            pass  # another process took care of it
+    return removed
+
+
 def init_distributed(env: DistEnv) -> None:
     """Start the process group once (gloo on CPU, nccl on CUDA: DeepSpeed picks by accelerator)."""
     default_accelerator()
     import deepspeed
     import torch
+
+    for lock in clear_stale_extension_locks():
+        import logging
+
+        logging.getLogger("imagen_ds.training").warning(
+            "removed %s, a build lock left by a killed process (it would block DeepSpeed's start)", lock)
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
