@@ -341,7 +341,7 @@ def evaluate(checkpoints, prompts, ref_images, guidance, num_samples, steps, sam
 
 @main.command()
 @click.option("--out", default="demo_out", show_default=True, help="Folder for data, checkpoint, grid and summary.json.")
-@click.option("--minutes", type=float, default=8.0, show_default=True, help="Training budget in wall-clock minutes.")
+@click.option("--minutes", type=float, default=10.0, show_default=True, help="Training budget in wall-clock minutes.")
 @click.option("--steps", type=int, default=None, help="Stop after this many optimizer steps (also with --minutes).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--images", "n_images", type=int, default=10000, show_default=True, help="Synthetic training images.")

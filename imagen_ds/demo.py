@@ -333,7 +333,7 @@ def _two_lines(caption: str) -> list[str]:
 # --------------------------------------------------------------------------- the job
 
 
-def run_demo(out: str | Path = "demo_out", *, minutes: Optional[float] = 8.0, steps: Optional[int] = None,
+def run_demo(out: str | Path = "demo_out", *, minutes: Optional[float] = 10.0, steps: Optional[int] = None,
              seed: int = 0, n_images: int = 10000, per_caption: int = 8, model: str = "demo_res_32",
              precision: str = "auto", sample_steps: Optional[int] = None,
              docs_png: Optional[str | Path] = REPO_DOCS / "demo.png", compare_raw: bool = False,

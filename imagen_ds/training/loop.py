@@ -66,6 +66,8 @@ class _StopFlag:
 def _any_rank(flag: bool, device: torch.device) -> bool:
     import torch.distributed as dist
 
+    if dist.get_world_size() == 1:
+        return flag  # no collective (and no device sync) per step for a single process
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
