@@ -165,7 +165,6 @@ def train(cfg: ImagenConfig, shards: Path, run_dir: Path, *, minutes: Optional[f
     init_distributed(env)
     _quiet_deepspeed()
     tr = cfg.training
-    budget_s = None if minutes is None else minutes * 60.0
 
     ckpt.seed_everything(seed)
     built = build_engine(cfg, steps=steps or 100_000, seed=seed)
@@ -181,10 +180,10 @@ def train(cfg: ImagenConfig, shards: Path, run_dir: Path, *, minutes: Optional[f
     metrics_path = run_dir / "metrics.jsonl"
     metrics_path.write_text("")
     step, loss_acc, n_acc, last_loss, skipped = 0, 0.0, 0, float("nan"), 0
-    bar = tqdm(total=steps if steps is not None else int(budget_s), unit="step" if steps is not None else "s",
-               desc="train", dynamic_ncols=True)
     t0 = time.perf_counter()
     budget = StepBudget(steps, minutes, t0)
+    bar = tqdm(total=steps if steps is not None else int(budget.budget_s), unit="step" if steps is not None else "s",
+               desc="train", dynamic_ncols=True)
     follow_budget(engine, tr, budget)  # the lr decays over the steps the budget will allow
     while True:
         res = train_step(built, diffusion, batches)
@@ -204,7 +203,7 @@ def train(cfg: ImagenConfig, shards: Path, run_dir: Path, *, minutes: Optional[f
                                     "samples_seen": step * tr.global_batch, "elapsed_s": elapsed}) + "\n")
             bar.set_postfix(step=step, loss=f"{last_loss:.4f}", it_s=f"{step / elapsed:.2f}")
             loss_acc, n_acc = 0.0, 0
-        bar.n = step if steps is not None else min(int(elapsed), int(budget_s))
+        bar.n = step if steps is not None else min(int(elapsed), int(budget.budget_s))
         bar.refresh()
         if budget.done(step, time.perf_counter()):
             break

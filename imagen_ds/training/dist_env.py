@@ -7,6 +7,7 @@ set: a single process, for which DeepSpeed still needs the variables or it looks
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -131,8 +132,6 @@ def init_distributed(env: DistEnv) -> None:
     import torch
 
     for lock in clear_stale_extension_locks():
-        import logging
-
         logging.getLogger("imagen_ds.training").warning(
             "removed %s, a build lock left by a killed process (it would block DeepSpeed's start)", lock)
 
