@@ -35,9 +35,10 @@ def single_rank_stage(precision: str, zero_stage: int, world_size: int) -> int:
     ZeRO-2's per-parameter gradient hooks and partitioned step cost ~20% of a small model's step
     on one rank (docs/performance.md), so one fp32 rank runs without ZeRO (stage 0, with
     `optim.NonFiniteGuard` doing the clip and the non-finite skip ZeRO did). bf16 keeps its
-    stage: ZeRO is what gives DeepSpeed's bf16 fp32 master weights and fp32 gradient
-    accumulation (its stage-0 BF16 optimizer sums micro-batches in bf16). A run resumed on more
-    ranks goes back to the config's stage (checkpoint.load reads either).
+    stage: ZeRO-2 is what gives DeepSpeed's bf16 fp32 master weights and fp32 gradient
+    accumulation (stage 0 refuses fp32 accumulation; stage 1's BF16 optimizer summed
+    micro-batches in bf16, measured). A run resumed on more ranks goes back to the config's
+    stage (checkpoint.load reads either).
     """
     if world_size == 1 and precision == "fp32" and zero_stage in (1, 2):
         return 0
