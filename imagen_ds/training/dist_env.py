@@ -131,12 +131,11 @@ def init_distributed(env: DistEnv) -> None:
     import deepspeed
     import torch
 
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
     for lock in clear_stale_extension_locks():
         logging.getLogger("imagen_ds.training").warning(
             "removed %s, a build lock left by a killed process (it would block DeepSpeed's start)", lock)
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return
     if has_cuda():
         torch.cuda.set_device(env.local_rank)
     deepspeed.init_distributed(dist_init_required=True)

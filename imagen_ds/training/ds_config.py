@@ -87,8 +87,6 @@ def build_ds_config(cfg: ImagenConfig, world_size: int, ds_config: str | Path | 
         cfg = cfg.replace(training={"precision": precision, "zero_stage": stage, "grad_clip": clip})
     else:
         ds["bf16"] = {**ds.get("bf16", {}), "enabled": tr.precision == "bf16"}
-        zero["stage"] = tr.zero_stage
-        ds["gradient_clipping"] = tr.grad_clip
         stage = single_rank_stage(tr.precision, tr.zero_stage, world_size)
         if stage != tr.zero_stage:
             cfg = cfg.replace(training={"zero_stage": stage})
