@@ -86,6 +86,10 @@ def test_edm_sampling_grid_and_training_noise():
     log_sigma = edm.training_sigma(200_000, -1.2, 1.2, "cpu").log()
     assert log_sigma.mean().item() == pytest.approx(-1.2, abs=0.01)
     assert log_sigma.std().item() == pytest.approx(1.2, abs=0.01)
+    for sigma in (0.1, 1.0, 3.0):  # the tail formula agrees with the draws it describes
+        drawn = (log_sigma.exp() > sigma).float().mean().item()
+        assert edm.training_fraction_above(sigma, -1.2, 1.2) == pytest.approx(drawn, abs=0.005)
+    assert edm.training_fraction_above(3.0, -1.2, 1.2) == pytest.approx(0.0277, abs=1e-3)
 
 
 # --------------------------------------------------------------------------- DDPM schedules

@@ -5,6 +5,8 @@ the shared `Diffusion` interface. Coordinates are the paper's: x = x0 + sigma * 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from imagen_ds.config import EDMConfig, ImagenConfig
@@ -41,6 +43,11 @@ def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
 def training_sigma(batch: int, p_mean: float, p_std: float, device) -> torch.Tensor:
     """ln(sigma) ~ N(P_mean, P_std^2), drawn from torch's global RNG."""
     return (torch.randn(batch, device=device) * p_std + p_mean).exp()
+
+
+def training_fraction_above(sigma: float, p_mean: float, p_std: float) -> float:
+    """P(sigma_train > sigma) under training_sigma: how much of training sees noise above sigma."""
+    return 0.5 * math.erfc((math.log(sigma) - p_mean) / (p_std * math.sqrt(2)))
 
 
 # --------------------------------------------------------------------------- Eq. 5, sampling grid
