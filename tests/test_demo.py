@@ -6,6 +6,7 @@ Only the pipeline is checked here (a few steps learn nothing); the accuracy goal
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -93,3 +94,18 @@ def test_the_step_budget_follows_the_measured_pace_and_the_lr_decays_within_it()
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] < 1e-4
+
+
+def test_noise_level_script_shows_where_the_demo_learns_the_colour_from_the_text():
+    """scripts/demo_noise_levels.py (the table in docs/demo.md): colour readable from the noisy
+    image at low noise, not at high; the demo trains far more often above sigma 3 than EDM's default."""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "scripts" / "demo_noise_levels.py"), "demo_res_32", "500m_res_64"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {float(line.split()[0]): [float(x) for x in line.split()[1:]]
+            for line in proc.stdout.splitlines()[1:]}
+    readable = [r[0] for _, r in sorted(rows.items())]
+    assert readable[0] >= 0.98 and readable[-1] < 0.6 and readable == sorted(readable, reverse=True)
+    demo_above_3, default_above_3 = rows[3.0][1], rows[3.0][2]
+    assert demo_above_3 == pytest.approx(0.309, abs=1e-3) and default_above_3 == pytest.approx(0.028, abs=1e-3)
