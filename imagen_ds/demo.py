@@ -105,6 +105,10 @@ def make_data(cfg: ImagenConfig, out: Path, n: int, seed: int) -> dict:
 # --------------------------------------------------------------------------- 2. train
 
 
+# The step count a time-only budget assumes until it has measured its pace.
+UNBOUNDED_STEPS = 100_000
+
+
 class StepBudget:
     """How many optimizer steps a run will get: fixed `steps`, or what `minutes` of wall time
     allow at the pace measured so far (whichever is fewer).
@@ -116,7 +120,7 @@ class StepBudget:
     def __init__(self, steps: Optional[int], minutes: Optional[float], start: float):
         self.steps, self.budget_s, self.start = steps, None if minutes is None else minutes * 60.0, start
         self.pace: Optional[float] = None  # seconds per step, measured
-        self._fallback = steps or 100_000
+        self._fallback = steps or UNBOUNDED_STEPS
 
     def observe(self, step: int, now: float) -> None:
         if step >= 10:  # the first steps include one-off start-up costs
@@ -167,7 +171,7 @@ def train(cfg: ImagenConfig, shards: Path, run_dir: Path, *, minutes: Optional[f
     tr = cfg.training
 
     ckpt.seed_everything(seed)
-    built = build_engine(cfg, steps=steps or 100_000, seed=seed)
+    built = build_engine(cfg, steps=steps or UNBOUNDED_STEPS, seed=seed)  # follow_budget re-spans it
     cfg, engine = built.cfg, built.engine
     ema = EMA(engine.module, tr.ema_decay, tr.ema_warmup)
     write_run_info(run_dir, cfg, built.ds_config, seed=seed, world_size=env.world_size, launcher=env.launcher,
@@ -188,14 +192,15 @@ def train(cfg: ImagenConfig, shards: Path, run_dir: Path, *, minutes: Optional[f
     while True:
         res = train_step(built, diffusion, batches)
         step += 1
-        budget.observe(step, time.perf_counter())
         if res.applied:
             ema.update(engine.module)
         else:
             skipped += 1
         loss_acc += float(res.loss)
         n_acc += 1
-        elapsed = time.perf_counter() - t0
+        now = time.perf_counter()
+        budget.observe(step, now)
+        elapsed = now - t0
         if step % tr.log_every == 0:
             last_loss = loss_acc / n_acc
             with open(metrics_path, "a") as f:
@@ -205,7 +210,7 @@ def train(cfg: ImagenConfig, shards: Path, run_dir: Path, *, minutes: Optional[f
             loss_acc, n_acc = 0.0, 0
         bar.n = step if steps is not None else min(int(elapsed), int(budget.budget_s))
         bar.refresh()
-        if budget.done(step, time.perf_counter()):
+        if budget.done(step, now):
             break
     bar.close()
     train_s = time.perf_counter() - t0

@@ -13,6 +13,7 @@ import numpy as np
 from imagen_ds.config import load_config
 from imagen_ds.data.synthetic import BACKGROUNDS, COLORS, PALETTE, SHAPES, draw_shape
 from imagen_ds.diffusion.edm import training_fraction_above
+from imagen_ds.eval.alignment import nearest_color
 
 SIGMAS = (1.0, 2.0, 3.0, 5.0, 8.0, 12.0)
 
@@ -21,16 +22,15 @@ def colour_readable(sigma: float, n: int = 300, seed: int = 0) -> float:
     """Fraction of demo images whose shape colour is the nearest palette colour to the mean of its
     noisy pixels (the shape's pixels known: an upper bound on what the network can read)."""
     rng, pick = np.random.default_rng(seed), random.Random(seed)
-    palette = {c: np.array(PALETTE[c]) / 127.5 - 1 for c in COLORS}
+    noise = sigma * 127.5  # sigma is in the model's [-1, 1] units; the pixels here are 0..255
     right = total = 0
     for i in range(n):
         c, s, b = pick.choice(COLORS), pick.choice(SHAPES), pick.choice(BACKGROUNDS)
         if c == b:
             continue
-        x = np.asarray(draw_shape(c, s, b, seed=i, size=32), dtype=np.float64) / 127.5 - 1
-        inside = np.abs(x - (np.array(PALETTE[b]) / 127.5 - 1)).sum(-1) > 0.5
-        mean = (x + sigma * rng.standard_normal(x.shape))[inside].mean(0)
-        right += min(COLORS, key=lambda k: ((palette[k] - mean) ** 2).sum()) == c
+        x = np.asarray(draw_shape(c, s, b, seed=i, size=32), dtype=np.float64)
+        inside = np.abs(x - np.asarray(PALETTE[b], dtype=np.float64)).sum(-1) > 0.25 * 255
+        right += nearest_color((x + noise * rng.standard_normal(x.shape))[inside].mean(0), COLORS) == c
         total += 1
     return right / total
 
